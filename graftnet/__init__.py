@@ -1,0 +1,50 @@
+"""graftnet: move knowledge between neural networks by graph surgery.
+
+Knowledge flow (Liu et al., ICLR 2019) wires a student, layer by layer, to frozen teachers of any
+architecture; learned weights p_w decide how much each student layer trusts each teacher, and a
+dependency loss pushes the student to independence so the teachers can be cut away.
+"""
+
+from graftnet._trace import register_leaf_module
+from graftnet.activations import register_activation, register_fused
+from graftnet.adapters import register_adapter, register_input_adapter
+from graftnet.errors import (
+    AdapterError,
+    GraftError,
+    ModelSourceError,
+    NameResolutionError,
+    SpecError,
+    TraceError,
+)
+from graftnet.graft import FrozenTeacher, GraftedModel, SiteInfo, graft, sites
+from graftnet.mixer import Mixer
+from graftnet.models import build_model, register_model
+from graftnet.spec import Spec, load_spec, schema
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "FrozenTeacher",
+    "GraftError",
+    "GraftedModel",
+    "Mixer",
+    "ModelSourceError",
+    "NameResolutionError",
+    "SiteInfo",
+    "Spec",
+    "SpecError",
+    "TraceError",
+    "__version__",
+    "build_model",
+    "graft",
+    "load_spec",
+    "register_activation",
+    "register_adapter",
+    "register_fused",
+    "register_input_adapter",
+    "register_leaf_module",
+    "register_model",
+    "schema",
+    "sites",
+]

@@ -1,0 +1,168 @@
+"""Leaf-aware FX tracing that stays faithful to the model in both training modes.
+
+Two things make a plain ``symbolic_trace`` unfaithful (FIELD-NOTES.md):
+
+* code that branches on ``self.training`` inside a traced-through module is frozen at trace time
+  (timm's drop-path, a model's own ``if self.training:``). We trace twice, once per mode, and keep
+  both graphs when they differ — torchvision's ``DualGraphModule`` idea;
+* modules FX cannot trace, and fused norm+act modules whose own forward must run (BatchNorm buffer
+  updates), are kept as leaves: torch.nn layers, timm's no-trace set, registered fused and activation
+  modules, and anything passed to :func:`register_leaf_module`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graftnet import activations
+from graftnet.errors import TraceError
+
+__all__ = ["Traced", "register_leaf_module", "trace"]
+
+_LEAVES: set[type[nn.Module]] = set()
+_AUTOWRAP: set[Callable[..., Any]] = set()
+
+try:  # timm's own list of what FX cannot trace through
+    from timm.layers import _fx as _timm_fx
+
+    _LEAVES.update(_timm_fx.get_notrace_modules())
+    _AUTOWRAP.update(_timm_fx.get_notrace_functions())
+except ImportError:  # pragma: no cover - timm is a dependency, but user code need not use it
+    pass
+
+
+def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
+    """Trace calls to ``cls`` as one opaque node (usable as a decorator).
+
+    Use it for modules FX cannot trace (data-dependent control flow, ``torch.utils.checkpoint``…).
+    Activations inside a leaf cannot be sites or taps.
+    """
+    _LEAVES.add(cls)
+    return cls
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=tuple(_AUTOWRAP))
+        self.failed_in: tuple[str, type[nn.Module]] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, tuple(_LEAVES)) or isinstance(m, activations.activation_modules()):
+            return True
+        if activations.activation_attr_of_fused(m) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module is the first to see the exception
+                self.failed_in = (self.path_of_module(m), type(m))
+            raise
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A model and its FX graphs, one per training mode (the same object when the modes agree)."""
+
+    model: nn.Module
+    train_graph: fx.Graph
+    eval_graph: fx.Graph
+
+    @property
+    def dual(self) -> bool:
+        return self.train_graph is not self.eval_graph
+
+    def graph(self, training: bool) -> fx.Graph:
+        return self.train_graph if training else self.eval_graph
+
+    def graphs(self) -> Iterator[tuple[bool, fx.Graph]]:
+        yield False, self.eval_graph
+        if self.dual:
+            yield True, self.train_graph
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module, mode: bool) -> Iterator[None]:
+    """Put every submodule in ``mode``, then restore each one's own flag."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(mode)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _trace_once(model: nn.Module, name: str) -> fx.Graph:
+    tracer = _Tracer()
+    try:
+        return tracer.trace(model)
+    except Exception as e:
+        where = "its top-level forward"
+        leaf_hint = ""
+        if tracer.failed_in is not None:
+            path, cls = tracer.failed_in
+            where = f"module {path!r} ({cls.__module__}.{cls.__qualname__})"
+            leaf_hint = (
+                f" If that module cannot be traced, mark it as a leaf: "
+                f"graftnet.register_leaf_module({cls.__qualname__}) — it then runs as one opaque call "
+                "and activations inside it cannot be sites or taps."
+            )
+        raise TraceError(
+            f"torch.fx cannot trace {name}: it failed in {where}: {type(e).__name__}: {e}.{leaf_hint} "
+            "Data-dependent Python control flow (if/for on tensor values) is the usual cause."
+        ) from e
+
+
+def trace(model: nn.Module, *, name: str = "the model", training_modes: tuple[bool, ...] = (True, False)) -> Traced:
+    """Trace ``model`` in each of ``training_modes`` and keep one graph per mode when they differ."""
+    graphs: dict[bool, fx.Graph] = {}
+    for mode in training_modes:
+        with training_mode(model, mode):
+            graphs[mode] = _trace_once(model, name)
+    eval_graph = graphs.get(False, graphs.get(True))
+    train_graph = graphs.get(True, eval_graph)
+    assert eval_graph is not None and train_graph is not None
+    if train_graph is not eval_graph and _same_code(train_graph, eval_graph):
+        train_graph = eval_graph
+    return Traced(model, train_graph, eval_graph)
+
+
+def _same_code(a: fx.Graph, b: fx.Graph) -> bool:
+    return bool(a.python_code("self").src == b.python_code("self").src)
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return None if shape is None else tuple(int(d) for d in shape[1:])
+
+
+def propagate_shapes(traced: Traced, example: tuple[torch.Tensor, ...]) -> None:
+    """Record each node's output shape (``node.meta['tensor_meta']``) by running the eval graph once."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    module = fx.GraphModule(traced.model, traced.eval_graph)
+    with training_mode(traced.model, False), torch.no_grad():
+        try:
+            ShapeProp(module).propagate(*example)
+        except Exception as e:
+            shapes = ", ".join(str(tuple(t.shape)) for t in example)
+            raise TraceError(
+                f"running the traced model on an example input of shape {shapes} failed: {type(e).__name__}: {e}. "
+                "Check input_shape in the spec (one sample, no batch dimension) or pass example_input."
+            ) from e
+    if traced.dual:  # shapes do not depend on the mode: copy them over by node name
+        by_name = {n.name: n.meta.get("tensor_meta") for n in traced.eval_graph.nodes}
+        for n in traced.train_graph.nodes:
+            if by_name.get(n.name) is not None:
+                n.meta["tensor_meta"] = by_name[n.name]

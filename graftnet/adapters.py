@@ -1,0 +1,227 @@
+"""Adapters Q that map a teacher activation onto a student site's shape, and teacher input adapters.
+
+Both are string-keyed registries (STYLE.md): a spec names an adapter by key and never imports code.
+A tap adapter factory takes ``(tap_shape, site_shape)`` — shapes without the batch dimension — and
+returns a module; an input adapter factory takes the student's input shape and its spec kwargs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftnet.errors import AdapterError
+from graftnet.registry import Registry
+
+__all__ = [
+    "ADAPTERS",
+    "INPUT_ADAPTERS",
+    "MapAdapter",
+    "Normalize",
+    "Resize",
+    "make_adapter",
+    "register_adapter",
+    "register_input_adapter",
+]
+
+Shape = tuple[int, ...]
+AdapterFactory = Callable[[Shape, Shape], nn.Module]
+InputAdapterFactory = Callable[..., nn.Module]
+
+ADAPTERS: Registry[AdapterFactory] = Registry("adapter", AdapterError)
+INPUT_ADAPTERS: Registry[InputAdapterFactory] = Registry("input adapter", AdapterError)
+
+
+def register_adapter(key: str) -> Callable[[AdapterFactory], AdapterFactory]:
+    """Register a tap adapter factory ``f(tap_shape, site_shape) -> nn.Module`` under ``key``.
+
+    Examples:
+        >>> @register_adapter("zero")
+        ... def zero(tap_shape, site_shape):
+        ...     return ZeroLike(site_shape)   # doctest: +SKIP
+    """
+    return ADAPTERS.register(key)  # type: ignore[return-value]
+
+
+def register_input_adapter(key: str) -> Callable[[InputAdapterFactory], InputAdapterFactory]:
+    """Register a teacher input adapter factory ``f(input_shape, **kwargs) -> nn.Module`` under ``key``."""
+    return INPUT_ADAPTERS.register(key)  # type: ignore[return-value]
+
+
+def _resize(t: torch.Tensor, size: Shape) -> torch.Tensor:
+    """Adaptive average pooling to shrink, (bi/tri)linear interpolation to grow."""
+    src = tuple(t.shape[2:])
+    if src == size:
+        return t
+    pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(size) - 1]
+    if all(s >= d for s, d in zip(src, size, strict=True)):
+        return pool(t, size)  # type: ignore[operator]
+    smaller = tuple(min(s, d) for s, d in zip(src, size, strict=True))
+    if smaller != src:
+        t = pool(t, smaller)  # type: ignore[operator]
+    mode = ("linear", "bilinear", "trilinear")[len(size) - 1]
+    return F.interpolate(t, size=size, mode=mode, align_corners=False)
+
+
+class MapAdapter(nn.Module):
+    """A 1×1 convolution between channel counts plus a spatial resize, the conv at the cheaper resolution."""
+
+    def __init__(self, tap_shape: Shape, site_shape: Shape) -> None:
+        super().__init__()
+        rank = len(site_shape) - 1
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[rank - 1]
+        self.conv = conv(tap_shape[0], site_shape[0], kernel_size=1)
+        self.size = tuple(site_shape[1:])
+        # A 1x1 conv costs per position: shrink first when the site is smaller, grow last when it is larger.
+        self.resize_first = math.prod(site_shape[1:]) < math.prod(tap_shape[1:])
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if self.resize_first:
+            return self.conv(_resize(t, self.size))
+        return _resize(self.conv(t), self.size)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, resize_first={self.resize_first}"
+
+
+def _is_map(shape: Shape) -> bool:
+    return 2 <= len(shape) <= 4
+
+
+def _no_adapter(key: str, tap_shape: Shape, site_shape: Shape, why: str) -> AdapterError:
+    return AdapterError(
+        f"adapter {key!r} cannot map a tap of shape {tap_shape} onto a site of shape {site_shape}: {why}. "
+        f"Pick other layers, or another adapter (valid: {', '.join(ADAPTERS.keys())})"
+    )
+
+
+@register_adapter("identity")
+def identity(tap_shape: Shape, site_shape: Shape) -> nn.Module:
+    if tap_shape != site_shape:
+        raise _no_adapter("identity", tap_shape, site_shape, "shapes differ")
+    return nn.Identity()
+
+
+@register_adapter("linear")
+def linear(tap_shape: Shape, site_shape: Shape) -> nn.Module:
+    """Flatten, one dense matrix (the paper's Q in full), reshape to the site."""
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(math.prod(tap_shape), math.prod(site_shape))]
+    if len(site_shape) > 1:
+        layers.append(nn.Unflatten(1, site_shape))
+    return nn.Sequential(*layers)
+
+
+@register_adapter("conv1x1")
+def conv1x1(tap_shape: Shape, site_shape: Shape) -> nn.Module:
+    if not (_is_map(tap_shape) and _is_map(site_shape) and len(tap_shape) == len(site_shape)):
+        raise _no_adapter("conv1x1", tap_shape, site_shape, "both must be feature maps of the same rank")
+    return MapAdapter(tap_shape, site_shape)
+
+
+@register_adapter("auto")
+def auto(tap_shape: Shape, site_shape: Shape) -> nn.Module:
+    """Identity for equal shapes; Linear for vectors; 1×1 conv + resize for maps; flatten+Linear map→vector."""
+    if tap_shape == site_shape:
+        return nn.Identity()
+    if len(tap_shape) == 1 and len(site_shape) == 1:
+        return nn.Linear(tap_shape[0], site_shape[0])
+    if _is_map(tap_shape) and _is_map(site_shape) and len(tap_shape) == len(site_shape):
+        return MapAdapter(tap_shape, site_shape)
+    if _is_map(tap_shape) and len(site_shape) == 1:
+        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(tap_shape), site_shape[0]))
+    raise _no_adapter(
+        "auto", tap_shape, site_shape,
+        "auto maps vector→vector, map→map of the same rank, and map→vector; use 'linear' to force a dense map",
+    )  # fmt: skip
+
+
+def make_adapter(key: str, tap_shape: Shape, site_shape: Shape) -> nn.Module:
+    return ADAPTERS.get(key)(tap_shape, site_shape)
+
+
+# --- teacher input adapters: student input -> what the teacher expects --------------------------------
+
+
+class Resize(nn.Module):
+    """Resize the spatial dims of a batch to ``size`` (fixed: no parameters)."""
+
+    def __init__(self, size: Sequence[int], mode: str = "bilinear") -> None:
+        super().__init__()
+        self.size = tuple(int(s) for s in size)
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode in ("nearest", "area"):
+            return F.interpolate(x, size=self.size, mode=self.mode)
+        return F.interpolate(x, size=self.size, mode=self.mode, align_corners=False)
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` (fixed: kept as buffers, not parameters)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], rank: int) -> None:
+        super().__init__()
+        view = (1, -1) + (1,) * rank
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(view))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(view))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _need_map(key: str, input_shape: Shape) -> None:
+    if not _is_map(input_shape):
+        raise AdapterError(f"input adapter {key!r} needs a (C, ...spatial) input, got shape {input_shape}")
+
+
+@register_input_adapter("identity")
+def _input_identity(input_shape: Shape) -> nn.Module:
+    return nn.Identity()
+
+
+@register_input_adapter("resize")
+def _input_resize(input_shape: Shape, size: Sequence[int], mode: str = "bilinear") -> nn.Module:
+    _need_map("resize", input_shape)
+    if len(size) != len(input_shape) - 1:
+        raise AdapterError(f"input adapter 'resize': size {list(size)} must have {len(input_shape) - 1} entries")
+    return Resize(size, mode)
+
+
+@register_input_adapter("normalize")
+def _input_normalize(input_shape: Shape, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
+    _need_map("normalize", input_shape)
+    if not len(mean) == len(std) == input_shape[0]:
+        raise AdapterError(
+            f"input adapter 'normalize': mean and std need {input_shape[0]} entries (one per channel), "
+            f"got {len(mean)} and {len(std)}"
+        )
+    return Normalize(mean, std, rank=len(input_shape) - 1)
+
+
+@register_input_adapter("conv1x1")
+def _input_conv1x1(input_shape: Shape, out_channels: int) -> nn.Module:
+    """A learned 1×1 convolution to the teacher's channel count; it trains through the frozen teacher."""
+    _need_map("conv1x1", input_shape)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(input_shape) - 2]
+    return conv(input_shape[0], int(out_channels), kernel_size=1)
+
+
+def make_input_adapter(steps: Sequence[tuple[str, dict[str, Any]]], input_shape: Shape) -> nn.Module:
+    """Chain input adapter steps; each step sees the shape the previous one produced."""
+    modules: list[nn.Module] = []
+    shape = input_shape
+    for key, kwargs in steps:
+        factory = INPUT_ADAPTERS.get(key)
+        try:
+            module = factory(shape, **kwargs)
+        except TypeError as e:
+            raise AdapterError(f"input adapter {key!r}: bad arguments {kwargs}: {e}") from e
+        with torch.no_grad():
+            shape = tuple(module(torch.zeros(1, *shape)).shape[1:])
+        modules.append(module)
+    return modules[0] if len(modules) == 1 else nn.Sequential(*modules)

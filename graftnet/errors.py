@@ -1,0 +1,36 @@
+"""The exceptions graftnet raises. Every user mistake is a :class:`GraftError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterError",
+    "GraftError",
+    "ModelSourceError",
+    "NameResolutionError",
+    "SpecError",
+    "TraceError",
+]
+
+
+class GraftError(RuntimeError):
+    """Root of every error graftnet raises for a user mistake."""
+
+
+class SpecError(GraftError):
+    """The spec is malformed: bad YAML/JSON, unknown keys, wrong types, duplicate sites."""
+
+
+class NameResolutionError(GraftError):
+    """A site or tap name does not name exactly one activation of its model."""
+
+
+class AdapterError(GraftError):
+    """No adapter can map a tap's shape onto its site's shape, or an adapter key is unknown."""
+
+
+class TraceError(GraftError):
+    """torch.fx could not trace a model."""
+
+
+class ModelSourceError(GraftError):
+    """A model reference (``timm:NAME``, ``package.module:callable`` …) cannot be built or loaded."""

@@ -1,0 +1,108 @@
+"""The mixer spliced in front of a student activation (DESIGN.md §2, paper §3.2).
+
+    z̃ = p_0·z + Σ_l p_l·Q_l(s_l·t_l),   p = softmax(logits),   h = act(z̃)
+
+``logits`` is the paper's w (index 0 = the student), Q_l the adapters, and s_l a per-tap scale that
+brings each teacher activation to unit mean magnitude: teachers' activation scales differ by an order
+of magnitude, and without it a loud teacher swamps the mix (FIELD-NOTES.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Mixer", "initial_logits"]
+
+
+def initial_logits(n_taps: int, init: str | float) -> torch.Tensor:
+    """Logits for ``'uniform'`` or for a given initial p_w of the student (teachers share the rest)."""
+    if init == "uniform":
+        return torch.zeros(n_taps + 1)
+    p0 = float(init)
+    rest = math.log((1.0 - p0) / n_taps)
+    return torch.tensor([math.log(p0)] + [rest] * n_taps)
+
+
+class Mixer(nn.Module):
+    """Mixes a student pre-activation with adapted teacher pre-activations.
+
+    Args:
+        site: the student activation's name.
+        taps: the teacher activations' names (``teacher:name``), in candidate order 1..n.
+        adapters: one adapter per tap.
+        init: ``'uniform'`` or the initial p_w of the student.
+        rescale_taps: scale each tap to unit mean |t| before its adapter.
+        calibration_batches: forward passes the tap scales are averaged over before they freeze.
+
+    Examples:
+        >>> m = Mixer("act1", ["t:act1"], [torch.nn.Identity()])
+        >>> m.p_w()
+        tensor([0.5000, 0.5000], grad_fn=<SoftmaxBackward0>)
+    """
+
+    def __init__(
+        self,
+        site: str,
+        taps: Sequence[str],
+        adapters: Sequence[nn.Module],
+        init: str | float = "uniform",
+        rescale_taps: bool = True,
+        calibration_batches: int = 4,
+    ) -> None:
+        super().__init__()
+        if len(taps) != len(adapters):
+            raise ValueError(f"{len(taps)} taps but {len(adapters)} adapters")
+        self.site = site
+        self.taps = tuple(taps)
+        self.logits = nn.Parameter(initial_logits(len(taps), init))
+        self.adapters = nn.ModuleList(adapters)
+        self.rescale_taps = rescale_taps
+        self.calibration_batches = calibration_batches
+        self.register_buffer("tap_scale", torch.ones(len(taps)))
+        self.register_buffer("calibrated_batches", torch.zeros((), dtype=torch.long))
+        self._calibrating: bool | None = None  # mirrors the buffer without a device sync every step
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """Candidate names in logit order: ``'student'`` then the taps."""
+        return ("student", *self.taps)
+
+    def p_w(self) -> torch.Tensor:
+        """The normalised weights softmax(logits); index 0 is the student."""
+        return torch.softmax(self.logits, dim=0)
+
+    @torch.no_grad()
+    def _calibrate(self, taps: Sequence[torch.Tensor]) -> None:
+        n = int(self.calibrated_batches)
+        for i, t in enumerate(taps):
+            seen = 1.0 / self.tap_scale[i] if n else torch.zeros_like(self.tap_scale[i])
+            mean_abs = (seen * n + t.detach().abs().mean().to(seen)) / (n + 1)
+            self.tap_scale[i] = 1.0 / mean_abs.clamp_min(1e-6)
+        self.calibrated_batches += 1
+        self._calibrating = n + 1 < self.calibration_batches
+
+    def forward(self, z: torch.Tensor, *taps: torch.Tensor) -> torch.Tensor:
+        if self.rescale_taps:
+            if self._calibrating is None:
+                self._calibrating = int(self.calibrated_batches) < self.calibration_batches
+            if self._calibrating:
+                self._calibrate(taps)
+        p = torch.softmax(self.logits, dim=0)
+        out = p[0] * z
+        for i, (adapter, t) in enumerate(zip(self.adapters, taps, strict=True)):
+            if self.rescale_taps:
+                t = t * self.tap_scale[i]
+            out = out + p[i + 1] * adapter(t)
+        return out
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._calibrating = None  # re-read the loaded calibration state on the next forward
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, taps={list(self.taps)}, rescale_taps={self.rescale_taps}"
