@@ -140,7 +140,7 @@ def splice_mixers(
     g = _copy(graph)
     site_nodes = {site.name: _activation_node(g, site.activation) for site in plan.sites}
     inplace = {site.name: activations.mutates_input(site_nodes[site.name], root) for site in plan.sites}
-    aliases = {site.name: _earlier_aliases(site_nodes[site.name].args[0], root) for site in plan.sites}  # type: ignore[arg-type]
+    aliases = {name: _earlier_aliases(node.args[0], root) for name, node in site_nodes.items()}  # type: ignore[arg-type]
     for n in g.nodes:
         if n.op in ("call_module", "get_attr"):
             n.target = f"{student_prefix}.{n.target}"
@@ -160,18 +160,19 @@ def splice_mixers(
                 for i, act in enumerate(teacher.taps):
                     taps[(teacher.name, act.node)] = g.call_function(operator.getitem, (out, i))
     for site in plan.sites:
-        act = site_nodes[site.name]
-        z = act.args[0]
+        site_node = site_nodes[site.name]
+        z = site_node.args[0]
         assert isinstance(z, fx.Node)
-        with g.inserting_before(act):
-            mixed = g.call_module(f"mixing.{mixer_keys[site.name]}", (z, *(taps[(t.teacher, t.activation.node)] for t in site.taps)))
-        act.update_arg(0, mixed)
+        inputs = (z, *(taps[(t.teacher, t.activation.node)] for t in site.taps))
+        with g.inserting_before(site_node):
+            mixed = g.call_module(f"mixing.{mixer_keys[site.name]}", inputs)
+        site_node.update_arg(0, mixed)
         if inplace[site.name]:
-            node = act
+            node = site_node
             while node.op != "output":
                 node = node.next
                 for alias in aliases[site.name]:
                     if alias in node.all_input_nodes:
-                        node.replace_input_with(alias, act)
+                        node.replace_input_with(alias, site_node)
     g.lint()
     return g

@@ -83,7 +83,7 @@ def make_plan(spec: Spec, student: Traced, teachers: dict[str, Traced]) -> Plan:
         seen_sites[act.node] = i
         if act.shape is None:
             raise SpecError(f"{where}: the pre-activation of {act.name!r} is not a tensor; it cannot be a site")
-        taps = []
+        taps: list[TapPlan] = []
         for k, tap in enumerate(site.taps):
             t_where = f"sites[{i}].taps[{k}]"
             teacher, _, tap_name = tap.partition(":")

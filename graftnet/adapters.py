@@ -45,12 +45,12 @@ def register_adapter(key: str) -> Callable[[AdapterFactory], AdapterFactory]:
         ... def zero(tap_shape, site_shape):
         ...     return ZeroLike(site_shape)   # doctest: +SKIP
     """
-    return ADAPTERS.register(key)  # type: ignore[return-value]
+    return ADAPTERS.register(key)
 
 
 def register_input_adapter(key: str) -> Callable[[InputAdapterFactory], InputAdapterFactory]:
     """Register a teacher input adapter factory ``f(input_shape, **kwargs) -> nn.Module`` under ``key``."""
-    return INPUT_ADAPTERS.register(key)  # type: ignore[return-value]
+    return INPUT_ADAPTERS.register(key)
 
 
 def _resize(t: torch.Tensor, size: Shape) -> torch.Tensor:
@@ -58,12 +58,15 @@ def _resize(t: torch.Tensor, size: Shape) -> torch.Tensor:
     src = tuple(t.shape[2:])
     if src == size:
         return t
-    pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(size) - 1]
+    pools: tuple[Callable[..., torch.Tensor], ...] = (
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d
+    )  # fmt: skip
+    pool = pools[len(size) - 1]
     if all(s >= d for s, d in zip(src, size, strict=True)):
-        return pool(t, size)  # type: ignore[operator]
+        return pool(t, size)
     smaller = tuple(min(s, d) for s, d in zip(src, size, strict=True))
     if smaller != src:
-        t = pool(t, smaller)  # type: ignore[operator]
+        t = pool(t, smaller)
     mode = ("linear", "bilinear", "trilinear")[len(size) - 1]
     return F.interpolate(t, size=size, mode=mode, align_corners=False)
 
@@ -163,6 +166,9 @@ class Resize(nn.Module):
 
 class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std`` (fixed: kept as buffers, not parameters)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], rank: int) -> None:
         super().__init__()

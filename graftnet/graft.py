@@ -34,12 +34,19 @@ class FrozenTeacher(nn.Module):
     gradients flow through it to that adapter (its own parameters stay frozen).
     """
 
-    def __init__(self, body: fx.GraphModule, taps: tuple[str, ...], needs_input_grad: bool) -> None:
+    def __init__(self, body: fx.GraphModule, taps: tuple[str, ...], needs_input_grad: bool, source: nn.Module) -> None:
         super().__init__()
         self.body = body
         self.taps = taps
         self.needs_input_grad = needs_input_grad
         self.train(False)
+        # What truncation kept, for reports: top-level children that run, and parameter counts.
+        used = {str(n.target) for n in body.graph.nodes if n.op in ("call_module", "get_attr")}
+        children = [name for name, _ in source.named_children()]
+        self.children_run = tuple(c for c in children if any(u == c or u.startswith(c + ".") for u in used))
+        self.children_cut = tuple(c for c in children if c not in self.children_run)
+        self.parameters_total = sum(p.numel() for p in source.parameters())
+        self.parameters_run = sum(p.numel() for p in body.parameters())
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)  # a teacher is frozen: BatchNorm statistics and dropout stay in eval mode
@@ -89,7 +96,7 @@ class GraftedModel(nn.Module):
         self._compiled: dict[bool, Callable[..., Any]] = {}
         self.training = student.training
         for graph in set(graphs.values()):
-            graph.owning_module = self
+            graph.owning_module = self  # type: ignore[assignment]  # lets graph.lint() check targets
 
     @property
     def graph(self) -> fx.Graph:
@@ -103,7 +110,7 @@ class GraftedModel(nn.Module):
     @property
     def mixers(self) -> Mapping[str, Mixer]:
         """``{site name: Mixer}`` in site order."""
-        return MappingProxyType({m.site: m for m in self.mixing.values()})  # type: ignore[misc]
+        return MappingProxyType({m.site: m for m in self.mixing.values() if isinstance(m, Mixer)})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         fn = self._compiled.get(self.training)
@@ -121,10 +128,10 @@ class GraftedModel(nn.Module):
 
     def dependency_loss(self) -> torch.Tensor:
         """The paper's eq. 5: −(1/L0) Σ_j log p_w^j(student), computed stably with log_softmax."""
-        mixers = list(self.mixing.values())
+        mixers = list(self.mixers.values())
         if not mixers:
             return torch.zeros(())
-        terms = [torch.log_softmax(m.logits, dim=0)[0] for m in mixers]  # type: ignore[union-attr]
+        terms = [torch.log_softmax(m.logits, dim=0)[0] for m in mixers]
         return -torch.stack(terms).mean()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -144,7 +151,10 @@ class SiteInfo:
     node: str
 
 
-def _example(example_input: Example | None, input_shape: list[int] | tuple[int, ...] | None, what: str) -> tuple[torch.Tensor, ...]:
+Shape = list[int] | tuple[int, ...]
+
+
+def _example(example_input: Example | None, input_shape: Shape | None, what: str) -> tuple[torch.Tensor, ...]:
     if example_input is not None:
         return example_input if isinstance(example_input, tuple) else (example_input,)
     if input_shape is None:
@@ -152,13 +162,17 @@ def _example(example_input: Example | None, input_shape: list[int] | tuple[int, 
     return (torch.randn(2, *input_shape),)
 
 
-def _traced_with_shapes(model: nn.Module, example: tuple[torch.Tensor, ...], name: str, modes: tuple[bool, ...]) -> Traced:
+def _traced_with_shapes(
+    model: nn.Module, example: tuple[torch.Tensor, ...], name: str, modes: tuple[bool, ...]
+) -> Traced:
     traced = trace(model, name=name, training_modes=modes)
     propagate_shapes(traced, example)
     return traced
 
 
-def sites(model: nn.Module, example_input: Example | None = None, *, input_shape: list[int] | tuple[int, ...] | None = None) -> list[SiteInfo]:
+def sites(
+    model: nn.Module, example_input: Example | None = None, *, input_shape: Shape | None = None
+) -> list[SiteInfo]:
     """The graftable activations of ``model`` in execution order, with their pre-activation shapes.
 
     Examples:
@@ -177,7 +191,9 @@ def _teacher_modules(teachers: Mapping[str, nn.Module] | None, spec: Spec) -> di
         for name, t in spec.teachers.items():
             ref = t.model_spec()
             if ref is None:
-                raise SpecError(f"teachers.{name}.model: no teacher module was passed to graft(), so the spec must name its model")
+                raise SpecError(
+                    f"teachers.{name}.model: no teacher module was passed to graft(), so the spec must name its model"
+                )
             built[name] = build_model(ref.model, ref.kwargs, ref.weights)
         return built
     missing = sorted(set(spec.teachers) - set(teachers))
@@ -257,7 +273,7 @@ def graft(
         module.requires_grad_(False)
         body = fx.GraphModule(module, truncate_teacher(teacher_traced[t_plan.name].eval_graph, module, t_plan.taps))
         learned_input = any(p.requires_grad for p in input_adapters.get(t_plan.name, nn.Identity()).parameters())
-        frozen[t_plan.name] = FrozenTeacher(body, tuple(a.name for a in t_plan.taps), learned_input)
+        frozen[t_plan.name] = FrozenTeacher(body, tuple(a.name for a in t_plan.taps), learned_input, module)
     input_adapters = {name: a for name, a in input_adapters.items() if name in frozen}
 
     mixers: dict[str, Mixer] = {}

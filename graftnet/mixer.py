@@ -45,6 +45,9 @@ class Mixer(nn.Module):
         tensor([0.5000, 0.5000], grad_fn=<SoftmaxBackward0>)
     """
 
+    tap_scale: torch.Tensor
+    calibrated_batches: torch.Tensor
+
     def __init__(
         self,
         site: str,

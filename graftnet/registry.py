@@ -25,6 +25,7 @@ class Registry(Generic[T]):
         >>> adapters = Registry("adapter")
         >>> @adapters.register("identity")
         ... def make_identity(): ...
+        >>> _ = adapters.add("none", None)
         >>> adapters.get("identity") is make_identity
         True
     """
@@ -34,16 +35,20 @@ class Registry(Generic[T]):
         self._error = error
         self._items: dict[str, T] = {}
 
-    def register(self, key: str, obj: T | None = None, *, overwrite: bool = False) -> Callable[[T], T] | T:
-        """Register ``obj`` under ``key``; without ``obj``, return a decorator."""
+    def add(self, key: str, obj: T, *, overwrite: bool = False) -> T:
+        """Register ``obj`` under ``key``; a key is registered once unless ``overwrite``."""
+        if key in self._items and not overwrite:
+            raise self._error(f"{self.kind} {key!r} is already registered; pass overwrite=True to replace it")
+        self._items[key] = obj
+        return obj
 
-        def add(item: T) -> T:
-            if key in self._items and not overwrite:
-                raise self._error(f"{self.kind} {key!r} is already registered; pass overwrite=True to replace it")
-            self._items[key] = item
-            return item
+    def register(self, key: str, *, overwrite: bool = False) -> Callable[[T], T]:
+        """A decorator form of :meth:`add`."""
 
-        return add if obj is None else add(obj)
+        def decorate(obj: T) -> T:
+            return self.add(key, obj, overwrite=overwrite)
+
+        return decorate
 
     def get(self, key: str) -> T:
         try:

@@ -137,7 +137,9 @@ class Spec(_Strict):
         first: dict[str, int] = {}
         for i, site in enumerate(self.sites):
             if site.student in first:
-                raise ValueError(f"sites[{i}].student: site {site.student!r} is listed twice (also sites[{first[site.student]}])")
+                raise ValueError(
+                    f"sites[{i}].student: site {site.student!r} is listed twice (also sites[{first[site.student]}])"
+                )
             first[site.student] = i
         return self
 

@@ -23,14 +23,14 @@ __all__ = ["A3CNet", "MLP", "MODELS", "MODEL_SOURCES", "build_model", "load_weig
 ModelFactory = Callable[..., nn.Module]
 MODEL_SOURCES: Registry[Callable[[str, dict[str, Any]], nn.Module]] = Registry("model source", ModelSourceError)
 MODELS: Registry[ModelFactory] = Registry("graftnet model", ModelSourceError)
-MODELS.register("a3c", a3c)
-MODELS.register("a3c_minatar", a3c_minatar)
-MODELS.register("mlp", mlp)
+MODELS.add("a3c", a3c)
+MODELS.add("a3c_minatar", a3c_minatar)
+MODELS.add("mlp", mlp)
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Make ``graftnet:NAME`` build a model with the decorated factory."""
-    return MODELS.register(name)  # type: ignore[return-value]
+    return MODELS.register(name)
 
 
 def _no_download(ref: str, kwargs: dict[str, Any], *keys: str) -> None:

@@ -24,6 +24,7 @@ class A3CNet(nn.Module):
         input_size: int,
     ) -> None:
         super().__init__()
+        self.input_shape = (in_channels, input_size, input_size)
         layers: list[nn.Module] = []
         channels = in_channels
         for out_channels, kernel, stride in convs:

@@ -15,6 +15,7 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.input_shape = (in_features,)
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for size in hidden:

@@ -1,0 +1,5 @@
+import sys
+
+from graftnet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""The ``graftnet`` command line: ``nodes``, ``check``, ``schema``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from graftnet.errors import GraftError
+
+__all__ = ["main"]
+
+
+def _default_input_shape(model: Any, ref: str) -> tuple[int, ...] | None:
+    shape = getattr(model, "input_shape", None)  # graftnet's own models
+    if shape is not None:
+        return tuple(shape)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)  # timm
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(cfg["input_size"])
+    if ref.startswith("torchvision:"):
+        return (3, 224, 224)
+    return None
+
+
+def _parse_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise GraftError(f"--kwargs {text!r} is not valid YAML/JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise GraftError(f"--kwargs must be a mapping such as '{{num_classes: 10}}', got {text!r}")
+    return value
+
+
+def _nodes(args: argparse.Namespace) -> None:
+    from graftnet.graft import sites
+    from graftnet.models import build_model
+    from graftnet.report import sites_table
+
+    model = build_model(args.model, _parse_kwargs(args.kwargs))
+    shape = tuple(args.input_shape) if args.input_shape else _default_input_shape(model, args.model)
+    if shape is None:
+        raise GraftError(f"cannot tell the input shape of {args.model}: pass --input-shape, e.g. --input-shape 3 32 32")
+    infos = sites(model, input_shape=shape)
+    print(f"# {args.model} on input {shape}: {len(infos)} graftable activations (pre-activation shapes, no batch dim)")
+    print(sites_table(infos))
+
+
+def _check(args: argparse.Namespace) -> None:
+    from graftnet.graft import graft
+    from graftnet.report import describe
+    from graftnet.spec import load_spec
+
+    spec = load_spec(args.spec)
+    g = graft(None, None, spec)
+    print(f"spec {args.spec}: OK")
+    print(describe(g))
+
+
+def _schema(args: argparse.Namespace) -> None:
+    from graftnet.spec import schema
+
+    print(json.dumps(schema(), indent=2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graftnet", description="Knowledge flow by FX graph surgery.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("nodes", help="list a model's graftable activations with their pre-activation shapes")
+    p.add_argument("model", help="model reference: timm:NAME, torchvision:NAME, graftnet:NAME, package.module:callable")
+    p.add_argument("--input-shape", type=int, nargs="+", metavar="N", help="one sample's shape, e.g. 3 32 32")
+    p.add_argument("--kwargs", help="constructor keyword arguments as YAML/JSON, e.g. '{num_classes: 10}'")
+    p.set_defaults(run=_nodes)
+
+    p = sub.add_parser("check", help="validate a spec, build its models and print the resolved graft plan")
+    p.add_argument("spec", help="YAML or JSON spec file")
+    p.set_defaults(run=_check)
+
+    p = sub.add_parser("schema", help="print the spec's JSON Schema")
+    p.set_defaults(run=_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from graftnet import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        args.run(args)
+    except GraftError as e:
+        print(f"graftnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
