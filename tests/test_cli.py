@@ -1,0 +1,58 @@
+"""The command line: ``graftnet nodes``, ``check``, ``schema`` and their error handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graftnet.cli import main
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_nodes_lists_names_and_shapes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nodes", "graftnet:a3c"]) == 0
+    out = capsys.readouterr().out
+    assert "(4, 84, 84)" in out
+    lines = [line.split()[:1] for line in out.splitlines()[2:]]
+    assert lines == [["features.1"], ["features.3"], ["act"]]
+    assert "(16, 20, 20)" in out and "(32, 9, 9)" in out and "(256,)" in out
+
+
+def test_nodes_with_input_shape_and_kwargs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nodes", "timm:resnet18", "--input-shape", "3", "32", "32", "--kwargs", "{num_classes: 10}"]) == 0
+    out = capsys.readouterr().out
+    assert "17 graftable activations" in out
+    assert "layer4.1.act2" in out and "(512, 1, 1)" in out and "in-place" in out
+
+
+def test_check_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(ROOT / "specs" / "resnet18_two_teachers.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "layer1.1.act2" in out and "r50:layer1.2.act3" in out
+    assert "cut:  layer3, layer4, global_pool, fc" in out
+    assert "MapAdapter" in out and "total added for training" in out
+
+
+def test_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: {model: 'graftnet:mlp'}\ninput_shape: [784]\nsites: [{student: nope, taps: ['t:x']}]\n")
+    assert main(["check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "graftnet check: error:" in err and "nope" in err and "graftnet nodes" in err
+    assert main(["nodes", "mypkg_that_does_not_exist.models:net"]) == 2
+    assert "cannot import" in capsys.readouterr().err
+
+
+def test_schema_command_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "Spec"
+
+
+def test_console_script_runs_as_module() -> None:
+    result = subprocess.run([sys.executable, "-m", "graftnet", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "0.1.0"
