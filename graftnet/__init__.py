@@ -8,8 +8,12 @@ dependency loss pushes the student to independence so the teachers can be cut aw
 from graftnet._trace import register_leaf_module
 from graftnet.activations import register_activation, register_fused
 from graftnet.adapters import register_adapter, register_input_adapter
+from graftnet.checkpoint import export, load_checkpoint, save_checkpoint
+from graftnet.detach import detach
 from graftnet.errors import (
     AdapterError,
+    CheckpointError,
+    DetachError,
     GraftError,
     ModelSourceError,
     NameResolutionError,
@@ -17,6 +21,7 @@ from graftnet.errors import (
     TraceError,
 )
 from graftnet.graft import FrozenTeacher, GraftedModel, SiteInfo, graft, sites
+from graftnet.graph_equivalence import is_isomorphic
 from graftnet.mixer import Mixer
 from graftnet.models import build_model, register_model
 from graftnet.spec import Spec, load_spec, schema
@@ -25,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "CheckpointError",
+    "DetachError",
     "FrozenTeacher",
     "GraftError",
     "GraftedModel",
@@ -37,7 +44,11 @@ __all__ = [
     "TraceError",
     "__version__",
     "build_model",
+    "detach",
+    "export",
     "graft",
+    "is_isomorphic",
+    "load_checkpoint",
     "load_spec",
     "register_activation",
     "register_adapter",
@@ -45,6 +56,7 @@ __all__ = [
     "register_input_adapter",
     "register_leaf_module",
     "register_model",
+    "save_checkpoint",
     "schema",
     "sites",
 ]

@@ -1,4 +1,4 @@
-"""The ``graftnet`` command line: ``nodes``, ``check``, ``schema``."""
+"""The ``graftnet`` command line: ``nodes``, ``check``, ``export``, ``schema``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,18 @@ def _check(args: argparse.Namespace) -> None:
     print(describe(g))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from graftnet.checkpoint import export
+
+    report = export(args.source, args.out, tol=args.tol, force=args.force, overwrite=args.overwrite)
+    forced = " (forced: some site was below 1 - tol)" if report.forced else ""
+    print(f"wrote {report.path}{forced}")
+    print(f"  min p_w(student) over sites: {report.min_p_w_student:.6f}")
+    print(f"  probe batch: max |grafted - detached| = {report.max_abs_diff:.3e}, "
+          f"argmax agreement = {report.argmax_agreement:.1%}")
+    print(f"  spec sha256: {report.spec_sha256}")
+
+
 def _schema(args: argparse.Namespace) -> None:
     from graftnet.spec import schema
 
@@ -84,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a spec, build its models and print the resolved graft plan")
     p.add_argument("spec", help="YAML or JSON spec file")
     p.set_defaults(run=_check)
+
+    p = sub.add_parser("export", help="detach a run's student, verify it on a probe batch, write it as safetensors")
+    p.add_argument("source", metavar="RUN_OR_CKPT", help="a run folder (holding checkpoint.safetensors) or the file")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--tol", type=float, default=1e-3, help="every site needs p_w(student) >= 1 - tol (default 1e-3)")
+    p.add_argument("--force", action="store_true", help="export even if some site still relies on teachers")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("schema", help="print the spec's JSON Schema")
     p.set_defaults(run=_schema)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterError",
+    "CheckpointError",
+    "DetachError",
     "GraftError",
     "ModelSourceError",
     "NameResolutionError",
@@ -34,3 +36,11 @@ class TraceError(GraftError):
 
 class ModelSourceError(GraftError):
     """A model reference (``timm:NAME``, ``package.module:callable`` …) cannot be built or loaded."""
+
+
+class DetachError(GraftError):
+    """The student still depends on its teachers: some site's p_w(student) is below 1 − tol."""
+
+
+class CheckpointError(GraftError):
+    """A checkpoint or exported file is missing, corrupt, or belongs to another model; or a write is refused."""

@@ -85,6 +85,7 @@ class GraftedModel(nn.Module):
         mixers: dict[str, Mixer],
         graphs: dict[bool, fx.Graph],
         plan: Plan,
+        spec: Spec | None = None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -92,6 +93,7 @@ class GraftedModel(nn.Module):
         self.input_adapters = nn.ModuleDict(input_adapters)
         self.mixing = nn.ModuleDict(mixers)
         self.plan = plan
+        self.spec = spec if spec is not None else Spec()
         self._graphs = graphs
         self._compiled: dict[bool, Callable[..., Any]] = {}
         self.training = student.training
@@ -291,5 +293,5 @@ def graft(
                             spec.mixing.rescale_taps, spec.mixing.calibration_batches)  # fmt: skip
     graphs = {mode: splice_mixers(g, student, plan, keys, set(input_adapters)) for mode, g in student_traced.graphs()}
     graphs.setdefault(True, graphs[False])
-    return GraftedModel(student, frozen, input_adapters, mixers, graphs, plan)
+    return GraftedModel(student, frozen, input_adapters, mixers, graphs, plan, spec)
 
