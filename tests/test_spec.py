@@ -45,7 +45,11 @@ def test_defaults() -> None:
         ({"sites": [{"student": "a", "taps": ["no_teacher"]}]}, "sites[0].taps", "teacher:name"),
         ({"sites": [{"student": "a", "taps": []}]}, "sites[0].taps", "at least 1"),
         ({"sites": [{"student": "a", "taps": ["t:b", "t:b"]}]}, "sites[0].taps", "twice"),
-        ({"sites": [{"student": "a", "taps": ["t:b"]}, {"student": "a", "taps": ["t:c"]}]}, "sites[1].student", "twice"),
+        (
+            {"sites": [{"student": "a", "taps": ["t:b"]}, {"student": "a", "taps": ["t:c"]}]},
+            "sites[1].student",
+            "twice",
+        ),
         ({"input_shape": [3, 0, 32]}, "input_shape", "positive"),
         ({"mixing": {"init": 1.5}}, "mixing.init", "between 0 and 1"),
         ({"mixing": {"calibration_batches": 0}}, "mixing.calibration_batches", "greater than or equal to 1"),
