@@ -476,6 +476,32 @@ def archs(draw: st.DrawFn, input_shape: Shape, *, unsafe: bool = False, max_bloc
     return Arch(input_shape, tuple(blocks))
 
 
+# --- known graftnet bugs (see tests/test_properties.py, the xfail regression tests) -----------------------
+
+
+def writes_into_its_input(arch: Arch) -> bool:
+    """Whether the model writes into its input tensor in place (first block: a bare in-place activation
+    branch, or ``x.add_(y)`` on the block input). A *teacher* doing so changes the student's input."""
+    first = arch.blocks[0]
+    if isinstance(first, Concat):
+        return any(isinstance(b, Act) and b.inplace for b in first.branches)
+    return isinstance(first, Residual) and first.add == "into_skip_" and first.skip == "x"
+
+
+def overwrites_a_tap_through_an_alias(arch: Arch) -> bool:
+    """Whether a pre-activation is later overwritten through an *earlier* alias of it: ``h = relu_(z)``
+    (h aliases z), ``extra1(h)`` reads h, then ``z.add_(y)``. Tapping ``extra1`` in a teacher returns
+    the overwritten values."""
+    return any(
+        isinstance(b, Residual) and b.add == "into_skip_" and b.skip == "z" and b.act1.inplace and b.extra1 is not None
+        for b in arch.blocks
+    )
+
+
+def has_known_teacher_bug(arch: Arch) -> bool:
+    return writes_into_its_input(arch) or overwrites_a_tap_through_an_alias(arch)
+
+
 # --- graft cases ----------------------------------------------------------------------------------------
 
 
@@ -501,6 +527,9 @@ class Case:
     student_sites: list[graftnet.SiteInfo] = field(repr=False)
     teacher_sites: dict[str, list[graftnet.SiteInfo]] = field(repr=False)
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))  # hypothesis would otherwise print every field, modules and tensors included
+
     @property
     def chosen_sites(self) -> list[graftnet.SiteInfo]:
         by_name = {s.name: s for s in self.student_sites}
@@ -514,10 +543,15 @@ class Case:
 
 @st.composite
 def graft_cases(draw: st.DrawFn, *, unsafe_student: bool = False, max_sites: int = 3, max_teachers: int = 2,
-                mixing: st.SearchStrategy[dict[str, Any]] | None = None) -> Case:  # fmt: skip
+                mixing: st.SearchStrategy[dict[str, Any]] | None = None, avoid_known_bugs: bool = True) -> Case:  # fmt: skip
+    """A random graft. With ``avoid_known_bugs``, teachers exclude the patterns of known graftnet bugs, which
+    have their own (xfail) regression tests; set it to False once they are fixed."""
     shape = draw(input_shapes())
     student_arch = draw(archs(shape, unsafe=unsafe_student))
-    teacher_archs = {f"t{i}": draw(archs(shape, unsafe=True)) for i in range(draw(st.integers(1, max_teachers)))}
+    teacher_strategy = archs(shape, unsafe=True)
+    if avoid_known_bugs:
+        teacher_strategy = teacher_strategy.filter(lambda a: not has_known_teacher_bug(a))
+    teacher_archs = {f"t{i}": draw(teacher_strategy) for i in range(draw(st.integers(1, max_teachers)))}
     seed = draw(st.integers(0, 2**16))
     x = example_input(shape, seed)
     student = build(student_arch, seed)

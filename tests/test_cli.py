@@ -56,3 +56,31 @@ def test_schema_command_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_console_script_runs_as_module() -> None:
     result = subprocess.run([sys.executable, "-m", "graftnet", "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "0.1.0"
+
+
+def test_export_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    import graftnet
+
+    spec = {
+        "student": {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": 4}},
+        "teachers": {"t": {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": 4}}},
+        "input_shape": [4, 10, 10],
+        "sites": [{"student": "act", "taps": ["t:act"]}],
+    }
+    g = graftnet.graft(None, None, spec)
+    graftnet.save_checkpoint(g, tmp_path / "run" / "checkpoint.safetensors")
+    out = tmp_path / "student.safetensors"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "act: p_w(student) = 0.500000" in err and not out.exists()
+    with torch.no_grad():
+        g.mixers["act"].logits.copy_(torch.tensor([30.0, 0.0]))
+    graftnet.save_checkpoint(g, tmp_path / "run" / "checkpoint.safetensors")
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "argmax agreement = 100.0%" in stdout and out.exists()
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--out", str(out), "--overwrite", "--tol", "0.1"]) == 0
