@@ -108,16 +108,16 @@ def resolve(query: str, acts: list[Activation], traced: Traced, *, model_name: s
     by_node = {a.node: a for a in acts if a.fused_attr is None}
     if query in by_node:
         return by_node[query]
+    hint = f"Run `graftnet nodes` to list the graftable names of {model_name}."
     repeated = [a.name for a in acts if a.name.startswith(query + "@")]
     if repeated:
         raise NameResolutionError(
             f"{where}: {query!r} in {model_name} is an activation module called {len(repeated)} times; "
-            f"name one call: {', '.join(repeated)}"
+            f"name one call: {', '.join(repeated)}. {hint}"
         )
     inside = [a for a in acts if a.scope.startswith(query + ".") or a.scope == query]
     if inside:
         return inside[-1]
-    hint = f"Run `graftnet nodes` to list the graftable names of {model_name}."
     try:
         module = traced.model.get_submodule(query) if query else None
     except AttributeError:
@@ -133,6 +133,7 @@ def resolve(query: str, acts: list[Activation], traced: Traced, *, model_name: s
             f"{where}: {query!r} in {model_name} is a graph node ({node.op} {node.target}) but not an activation; "
             f"sites and taps are activations, named by their input. {hint}"
         )
-    near = closest(query, [a.name for a in acts])
+    parents = {a.scope.rsplit(".", k)[0] for a in acts for k in range(1, a.scope.count(".") + 1)}
+    near = closest(query, [a.name for a in acts] + sorted(parents))
     near_text = f" Closest valid names: {', '.join(near)}." if near else ""
     raise NameResolutionError(f"{where}: {query!r} is not a graftable name in {model_name}.{near_text} {hint}")

@@ -149,7 +149,9 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
     return None if shape is None else tuple(int(d) for d in shape[1:])
 
 
-def propagate_shapes(traced: Traced, example: tuple[torch.Tensor, ...]) -> None:
+def propagate_shapes(
+    traced: Traced, example: tuple[torch.Tensor, ...], *, name: str = "the model", hint: str = ""
+) -> None:
     """Record each node's output shape (``node.meta['tensor_meta']``) by running the eval graph once."""
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -160,8 +162,8 @@ def propagate_shapes(traced: Traced, example: tuple[torch.Tensor, ...]) -> None:
         except Exception as e:
             shapes = ", ".join(str(tuple(t.shape)) for t in example)
             raise TraceError(
-                f"running the traced model on an example input of shape {shapes} failed: {type(e).__name__}: {e}. "
-                "Check input_shape in the spec (one sample, no batch dimension) or pass example_input."
+                f"running {name} on an example input of shape {shapes} failed: {type(e).__name__}: {e}. "
+                + (hint or "Check input_shape in the spec (one sample, no batch dimension) or pass example_input.")
             ) from e
     if traced.dual:  # shapes do not depend on the mode: copy them over by node name
         by_name = {n.name: n.meta.get("tensor_meta") for n in traced.eval_graph.nodes}

@@ -165,10 +165,10 @@ def _example(example_input: Example | None, input_shape: Shape | None, what: str
 
 
 def _traced_with_shapes(
-    model: nn.Module, example: tuple[torch.Tensor, ...], name: str, modes: tuple[bool, ...]
+    model: nn.Module, example: tuple[torch.Tensor, ...], name: str, modes: tuple[bool, ...], hint: str = ""
 ) -> Traced:
     traced = trace(model, name=name, training_modes=modes)
-    propagate_shapes(traced, example)
+    propagate_shapes(traced, example, name=name, hint=hint)
     return traced
 
 
@@ -264,7 +264,11 @@ def graft(
             input_adapters[name] = adapter
             with training_mode(adapter, False), torch.no_grad():
                 t_example = (adapter(example[0]),)
-        teacher_traced[name] = _traced_with_shapes(module, t_example, f"teacher {name!r}", (False,))
+        hint = (
+            f"A teacher sees the student's input: if teacher {name!r} expects another shape, give it input "
+            f"adapters in the spec (teachers.{name}.input: resize, normalize, conv1x1 …)."
+        )
+        teacher_traced[name] = _traced_with_shapes(module, t_example, f"teacher {name!r}", (False,), hint)
 
     plan = make_plan(spec, student_traced, teacher_traced)
     frozen: dict[str, FrozenTeacher] = {}

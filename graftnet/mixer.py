@@ -37,7 +37,7 @@ class Mixer(nn.Module):
         adapters: one adapter per tap.
         init: ``'uniform'`` or the initial p_w of the student.
         rescale_taps: scale each tap to unit mean |t| before its adapter.
-        calibration_batches: forward passes the tap scales are averaged over before they freeze.
+        calibration_batches: training-mode forward passes the tap scales are averaged over before they freeze.
 
     Examples:
         >>> m = Mixer("act1", ["t:act1"], [torch.nn.Identity()])
@@ -93,7 +93,7 @@ class Mixer(nn.Module):
         if self.rescale_taps:
             if self._calibrating is None:
                 self._calibrating = int(self.calibrated_batches) < self.calibration_batches
-            if self._calibrating:
+            if self._calibrating and self.training:  # evaluation never changes state
                 self._calibrate(taps)
         p = torch.softmax(self.logits, dim=0)
         out = p[0] * z

@@ -23,6 +23,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_model_ref(ref: str) -> str:
+    source, sep, name = ref.partition(":")
+    if not sep or not source or not name:
+        raise ValueError(
+            f"model reference {ref!r} must look like 'SOURCE:NAME' "
+            "(timm:resnet18, torchvision:densenet121, graftnet:a3c, or package.module:callable)"
+        )
+    return ref
+
+
 class ModelSpec(_Strict):
     """A model to build: ``timm:NAME``, ``torchvision:NAME``, ``graftnet:NAME`` or ``package.module:callable``.
 
@@ -33,16 +43,7 @@ class ModelSpec(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the constructor.")
     weights: str | None = Field(None, description="A .safetensors file loaded with strict=True after building.")
 
-    @field_validator("model")
-    @classmethod
-    def _has_source(cls, ref: str) -> str:
-        source, sep, name = ref.partition(":")
-        if not sep or not source or not name:
-            raise ValueError(
-                f"model reference {ref!r} must look like 'SOURCE:NAME' "
-                "(timm:resnet18, torchvision:densenet121, graftnet:a3c, or package.module:callable)"
-            )
-        return ref
+    _model_ref = field_validator("model")(_check_model_ref)
 
 
 class InputStep(_Strict):
@@ -61,6 +62,11 @@ class TeacherSpec(_Strict):
     input: list[InputStep] = Field(
         default_factory=list, description="Input adapter steps from the student's input to this teacher's input."
     )
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, ref: str | None) -> str | None:
+        return None if ref is None else _check_model_ref(ref)
 
     def model_spec(self) -> ModelSpec | None:
         return None if self.model is None else ModelSpec(model=self.model, kwargs=self.kwargs, weights=self.weights)
@@ -95,7 +101,7 @@ class MixingSpec(_Strict):
     rescale_taps: bool = Field(
         True, description="Rescale each tap to unit mean |z| before its adapter (scale calibrated, then frozen)."
     )
-    calibration_batches: int = Field(4, ge=1, description="Forward passes the tap scales are averaged over.")
+    calibration_batches: int = Field(4, ge=1, description="Training batches the tap scales are averaged over.")
 
     @field_validator("init")
     @classmethod
@@ -147,8 +153,9 @@ class Spec(_Strict):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid spec {source}:"]
     for e in err.errors():
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "<root>"
-        lines.append(f"  {path}: {e['msg']}")
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")
     return "\n".join(lines)
 
 

@@ -84,6 +84,12 @@ def cloned_state(m: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
+def assert_states_equal_to(m: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = m.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"changed: {changed[:5]}"
+
+
 def spec(input_shape: tuple[int, ...], sites: list[tuple[str, list[str]]], **extra: Any) -> dict[str, Any]:
     return {
         "input_shape": list(input_shape),
@@ -148,8 +154,9 @@ CASES = [
                             {"adapter": "conv1x1", "kwargs": {"out_channels": 3}}]),
         id="a3c<-timm-resnet18-via-input-adapter"),
     pytest.param(
-        Case(("graftnet:a3c_minatar", {"in_channels": 7}), ("graftnet:a3c_minatar", {"in_channels": 7, "num_actions": 3}),
-             (7, 10, 10), [("features", ["t:features"]), ("act", ["t:act"])], ["features.1", "act"], batch=4),
+        Case(("graftnet:a3c_minatar", {"in_channels": 7}),
+             ("graftnet:a3c_minatar", {"in_channels": 7, "num_actions": 3}), (7, 10, 10),
+             [("features", ["t:features"]), ("act", ["t:act"])], ["features.1", "act"], batch=4),
         id="a3c_minatar<-a3c_minatar"),
     pytest.param(
         Case(("graftnet:mlp", {"hidden": [800, 800], "dropout": 0.2}),
@@ -262,9 +269,9 @@ def _capture_inputs(model: nn.Module, paths: set[str]) -> dict[str, list[torch.T
         ("torchvision:resnet18", {"relu": ("relu", 0), "layer1.0.relu@0": ("layer1.0.relu", 0),
                                   "layer1.0.relu@1": ("layer1.0.relu", 1), "layer1.1.relu@1": ("layer1.1.relu", 1)}),
         # timm's DenseNet applies ReLU(inplace=True) inside fused BatchNormAct2d modules.
-        ("timm:densenet121", {"features.norm0.act": ("features.norm0.act", 0),
-                              "features.denseblock1.denselayer1.norm2.act": ("features.denseblock1.denselayer1.norm2.act", 0),
-                              "features.denseblock1.denselayer2.norm2.act": ("features.denseblock1.denselayer2.norm2.act", 0)}),
+        ("timm:densenet121", {name: (name, 0) for name in ("features.norm0.act",
+                                                             "features.denseblock1.denselayer1.norm2.act",
+                                                             "features.denseblock1.denselayer2.norm2.act")}),
     ],
     ids=["torchvision-resnet18", "timm-densenet121"],
 )  # fmt: skip
@@ -330,12 +337,6 @@ def test_fused_batchnormact_site_and_tap_keep_buffer_updates() -> None:
     assert torch.equal(student.features.norm0.running_mean, ref.features.norm0.running_mean)  # upstream of mixing
     assert torch.equal(student.features.norm0.running_var, ref.features.norm0.running_var)
     assert_states_equal_to(teacher, teacher_before)
-
-
-def assert_states_equal_to(m: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = m.state_dict()
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert not changed, f"changed: {changed[:5]}"
 
 
 # --- self.training branches ------------------------------------------------------------------------------------
@@ -428,7 +429,8 @@ GOLDEN_MODELS = {
 
 
 def _site_lines(ref: str, input_shape: tuple[int, ...]) -> list[str]:
-    return [f"{s.name} {'x'.join(map(str, s.shape or ()))}" for s in graftnet.sites(build(ref), input_shape=input_shape)]
+    listing = graftnet.sites(build(ref), input_shape=input_shape)
+    return [f"{s.name} {'x'.join(map(str, s.shape or ()))}" for s in listing]
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_MODELS))
