@@ -92,20 +92,29 @@ def truncate_teacher(graph: fx.Graph, root: nn.Module, taps: Sequence[Activation
         assert isinstance(z, fx.Node)
         out_args.append(_clone_if_overwritten(g, z, root))
     output.args = (tuple(out_args),)
+    # The teacher reads the student's own input tensor: if it writes into it, give it a copy instead.
+    for placeholder in [n for n in g.nodes if n.op == "placeholder"]:
+        copy = _clone_if_overwritten(g, placeholder, root)
+        if copy is not placeholder:
+            placeholder.replace_all_uses_with(copy, delete_user_cb=lambda user, c=copy: user is not c)  # type: ignore[misc]
     g.lint()
     return g
 
 
-def _clone_if_overwritten(g: fx.Graph, z: fx.Node, root: nn.Module) -> fx.Node:
-    aliases = {z}
-    overwritten = False
+def _overwritten_later(z: fx.Node, root: nn.Module) -> bool:
+    """Whether a node after ``z`` writes in place into ``z`` or into a tensor sharing its memory — one that
+    produced it in place (``z = relu_(a)`` shares ``a``) or one produced from it in place."""
+    aliases = set(_earlier_aliases(z, root))
     node = z.next
     while node.op != "output":
         if node.args and node.args[0] in aliases and activations.mutates_input(node, root):
-            overwritten = True
-            aliases.add(node)
+            return True
         node = node.next
-    if not overwritten:
+    return False
+
+
+def _clone_if_overwritten(g: fx.Graph, z: fx.Node, root: nn.Module) -> fx.Node:
+    if not _overwritten_later(z, root):
         return z
     with g.inserting_after(z):
         return g.call_method("clone", (z,))

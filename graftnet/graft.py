@@ -271,12 +271,13 @@ def graft(
         teacher_traced[name] = _traced_with_shapes(module, t_example, f"teacher {name!r}", (False,), hint)
 
     plan = make_plan(spec, student_traced, teacher_traced)
+    for module in teacher_modules.values():
+        module.requires_grad_(False)  # every teacher, tapped or not: the contract is that teachers are frozen
     frozen: dict[str, FrozenTeacher] = {}
     for t_plan in plan.teachers:
         if not t_plan.runs:
             continue
         module = teacher_modules[t_plan.name]
-        module.requires_grad_(False)
         body = fx.GraphModule(module, truncate_teacher(teacher_traced[t_plan.name].eval_graph, module, t_plan.taps))
         learned_input = any(p.requires_grad for p in input_adapters.get(t_plan.name, nn.Identity()).parameters())
         frozen[t_plan.name] = FrozenTeacher(body, tuple(a.name for a in t_plan.taps), learned_input, module)
