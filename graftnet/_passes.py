@@ -79,12 +79,13 @@ def truncate_teacher(graph: fx.Graph, root: nn.Module, taps: Sequence[Activation
     for n in reversed(list(g.nodes)):
         if n.op != "output" and order[n] > deepest:
             g.erase_node(n)
-    # Dead-code elimination that never drops an in-place op: it may write into a tensor a tap reads.
+    # Dead-code elimination that keeps an in-place op only while something later reads what it writes.
     changed = True
     while changed:
         changed = False
+        order = {n: i for i, n in enumerate(g.nodes)}
         for n in reversed(list(g.nodes)):
-            if n.op not in ("placeholder", "output") and not n.users and not activations.mutates_input(n, root):
+            if n.op not in ("placeholder", "output") and not n.users and not _writes_into_read_tensor(n, order, root):
                 g.erase_node(n)
                 changed = True
     out_args: list[fx.Node] = []
@@ -99,6 +100,13 @@ def truncate_teacher(graph: fx.Graph, root: nn.Module, taps: Sequence[Activation
             placeholder.replace_all_uses_with(copy, delete_user_cb=lambda user, c=copy: user is not c)  # type: ignore[misc]
     g.lint()
     return g
+
+
+def _writes_into_read_tensor(n: fx.Node, order: dict[fx.Node, int], root: nn.Module) -> bool:
+    if not activations.mutates_input(n, root) or not isinstance(n.args[0], fx.Node):
+        return False
+    written = _earlier_aliases(n.args[0], root)
+    return any(user is not n and order[user] > order[n] for tensor in written for user in tensor.users)
 
 
 def _overwritten_later(z: fx.Node, root: nn.Module) -> bool:
