@@ -28,11 +28,23 @@ def _target(node: fx.Node, root: nn.Module | None) -> str:
     if node.op == "call_module" and root is not None:
         module = root.get_submodule(str(node.target))
         return f"{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})"
+    if node.op == "get_attr" and root is not None:
+        value = _fetch(root, str(node.target))
+        if hasattr(value, "shape"):
+            return f"tensor{tuple(value.shape)}:{value.dtype}"
+        return type(value).__qualname__
     if node.op == "call_function":
         target = node.target
         name = getattr(target, "__qualname__", getattr(target, "__name__", target))
         return f"{getattr(target, '__module__', '')}.{name}"
     return str(node.target)
+
+
+def _fetch(root: nn.Module, path: str) -> object:
+    value: object = root
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _structure(value: Any, edges: list[tuple[fx.Node, str]], where: str) -> Any:
@@ -75,7 +87,11 @@ def to_networkx(graph: fx.Graph | fx.GraphModule, root: nn.Module | None = None)
 
 
 def is_isomorphic(a: fx.Graph | fx.GraphModule | nn.Module, b: fx.Graph | fx.GraphModule | nn.Module) -> bool:
-    """Whether two FX graphs (or modules, traced with graftnet's tracer) compute the same thing structurally."""
+    """Whether two FX graphs (or modules, traced with graftnet's tracer) compute the same thing structurally.
+
+    A bare ``fx.Graph`` is labelled with its ``owning_module`` when it has one (a grafted model's
+    ``g.graph`` has), so modules compare by type and configuration rather than by path.
+    """
     ga, gb = (_as_networkx(x) for x in (a, b))
     if ga.number_of_nodes() != gb.number_of_nodes() or ga.number_of_edges() != gb.number_of_edges():
         return False
@@ -88,8 +104,10 @@ def _edges_match(x: dict[Any, dict[str, Any]], y: dict[Any, dict[str, Any]]) -> 
 
 
 def _as_networkx(x: fx.Graph | fx.GraphModule | nn.Module) -> nx.MultiDiGraph:
-    if isinstance(x, (fx.Graph, fx.GraphModule)):
+    if isinstance(x, fx.GraphModule):
         return to_networkx(x)
+    if isinstance(x, fx.Graph):
+        return to_networkx(x, x.owning_module)
     from graftnet._trace import trace
 
     traced = trace(x, training_modes=(x.training,))
