@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import networkx as nx
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -30,7 +31,7 @@ def _target(node: fx.Node, root: nn.Module | None) -> str:
         return f"{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})"
     if node.op == "get_attr" and root is not None:
         value = _fetch(root, str(node.target))
-        if hasattr(value, "shape"):
+        if isinstance(value, torch.Tensor):
             return f"tensor{tuple(value.shape)}:{value.dtype}"
         return type(value).__qualname__
     if node.op == "call_function":
