@@ -53,10 +53,11 @@ class Plan:
         return next(t for t in self.teachers if t.name == name)
 
 
-def _resolve_all(traced: Traced, query: str, *, model_name: str, where: str) -> Activation:
+def _resolve_all(
+    traced: Traced, acts: dict[bool, list[Activation]], query: str, *, model_name: str, where: str
+) -> Activation:
     """Resolve in every traced mode; a site must be the same activation in train and eval graphs."""
-    found = {mode: resolve(query, catalogue(traced, mode), traced, model_name=model_name, where=where)
-             for mode, _ in traced.graphs()}  # fmt: skip
+    found = {mode: resolve(query, acts[mode], traced, model_name=model_name, where=where) for mode in acts}
     names = {a.name for a in found.values()}
     if len(names) > 1:
         raise NameResolutionError(
@@ -71,9 +72,12 @@ def make_plan(spec: Spec, student: Traced, teachers: dict[str, Traced]) -> Plan:
     sites: list[SitePlan] = []
     wanted: dict[str, dict[str, Activation]] = {name: {} for name in teachers}
     seen_sites: dict[str, int] = {}
+    # Each model's activation list is derived once; every site and tap resolves against it.
+    student_acts = {mode: catalogue(student, mode) for mode, _ in student.graphs()}
+    teacher_acts = {name: catalogue(traced) for name, traced in teachers.items()}
     for i, site in enumerate(spec.sites):
         where = f"sites[{i}].student"
-        act = _resolve_all(student, site.student, model_name="the student", where=where)
+        act = _resolve_all(student, student_acts, site.student, model_name="the student", where=where)
         if act.node in seen_sites:
             j = seen_sites[act.node]
             raise SpecError(
@@ -94,7 +98,7 @@ def make_plan(spec: Spec, student: Traced, teachers: dict[str, Traced]) -> Plan:
                     f"{t_where}: tap {tap!r} names teacher {teacher!r}, which is not given.{hint} "
                     f"Teachers: {', '.join(sorted(teachers)) or '(none)'}"
                 )
-            t_act = resolve(tap_name, catalogue(teachers[teacher]), teachers[teacher],
+            t_act = resolve(tap_name, teacher_acts[teacher], teachers[teacher],
                             model_name=f"teacher {teacher!r}", where=t_where)  # fmt: skip
             if any(t.teacher == teacher and t.activation.node == t_act.node for t in taps):
                 raise SpecError(f"{t_where}: tap {tap!r} is the same activation as another tap of this site")
@@ -104,8 +108,8 @@ def make_plan(spec: Spec, student: Traced, teachers: dict[str, Traced]) -> Plan:
             taps.append(TapPlan(teacher, t_act))
         sites.append(SitePlan(act, tuple(taps), site.adapter or spec.adapter))
     teacher_plans = []
-    for name, traced in teachers.items():
-        order = {a.node: i for i, a in enumerate(catalogue(traced))}
+    for name in teachers:
+        order = {a.node: i for i, a in enumerate(teacher_acts[name])}
         taps_in_order = tuple(sorted(wanted[name].values(), key=lambda a: order[a.node]))
         teacher_plans.append(TeacherPlan(name, taps_in_order))
     return Plan(tuple(sites), tuple(teacher_plans))
