@@ -6,11 +6,11 @@ import copy
 from pathlib import Path
 
 import torch
+from _archs import Case, build, graft_cases
 from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file
 
 import graftnet
-from tests._archs import Case, build, graft_cases
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
