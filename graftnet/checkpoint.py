@@ -41,6 +41,7 @@ CHECKPOINT_FORMAT = "graftnet-checkpoint/1"
 STUDENT_FORMAT = "graftnet-student/1"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 _TEACHERS = "teachers."
+TRAIN_STATE = "train_state."  # tensors of the trainer's state: kept in the file, not part of the model
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -77,13 +78,25 @@ def _save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def save_checkpoint(g: GraftedModel, path: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    g: GraftedModel,
+    path: str | Path,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``g``'s trainable state (student, mixers, input adapters) and metadata to ``path``.
 
-    Teachers are stored as references (their spec entries), never as weights.
+    Teachers are stored as references (their spec entries), never as weights. ``extra`` adds metadata and
+    ``tensors`` adds tensors under keys starting with ``train_state.`` (the trainer's optimizer and RNG
+    state), which loading the model ignores.
     """
     path = Path(path)
     state = {k: v for k, v in g.state_dict().items() if not k.startswith(_TEACHERS)}
+    for key, value in (tensors or {}).items():
+        if not key.startswith(TRAIN_STATE):
+            raise CheckpointError(f"extra checkpoint tensor {key!r} must start with {TRAIN_STATE!r}")
+        state[key] = value
     meta = {
         "format": CHECKPOINT_FORMAT,
         "graftnet_version": _version(),
@@ -153,6 +166,7 @@ def load_checkpoint(
         CheckpointError: unreadable file, or tensors that do not fit the rebuilt graft (names the keys).
     """
     tensors, meta = read_checkpoint(path)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAIN_STATE)}
     spec = load_spec(meta["spec"])
     try:
         g = graft(student, teachers, spec)

@@ -1,4 +1,4 @@
-"""The ``graftnet`` command line: ``nodes``, ``check``, ``export``, ``schema``."""
+"""The ``graftnet`` command line: ``nodes``, ``check``, ``train``, ``export``, ``plot``, ``demo``, ``schema``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -76,6 +78,44 @@ def _export(args: argparse.Namespace) -> None:
     print(f"  spec sha256: {report.spec_sha256}")
 
 
+def _train(args: argparse.Namespace) -> int:
+    import signal
+
+    from graftnet.trainer import train
+
+    out = Path(args.out) if args.out else Path("runs") / Path(args.spec).stem
+    result = train(args.spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                   tensorboard=not args.no_tensorboard)  # fmt: skip
+    if result.interrupted:
+        print(f"{result.interrupted}: stopped at epoch {result.epochs}; the checkpoint is saved in {out}. "
+              f"Continue with: graftnet train {args.spec} --out {out} --resume", file=sys.stderr)  # fmt: skip
+        return 128 + int(signal.Signals[result.interrupted])
+    print(f"run {out}: {result.method}, {result.epochs} epochs in {result.seconds:.1f} s")
+    if result.min_p_w_student is not None:
+        forced = " — exported anyway (forced): the student alone loses what the teachers still gave" if (
+            result.forced_export) else ""  # fmt: skip
+        print(f"  min p_w(student) over sites: {result.min_p_w_student:.6f}{forced}")
+    print(f"  exported student: {out / 'student.safetensors'}")
+    print(f"  student alone: validation error {result.val_error:.2f}%, test error {result.test_error:.2f}%")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from graftnet.plot import plot_runs
+
+    for path in plot_runs(args.runs, args.out):
+        print(f"wrote {path}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from graftnet.demo import DemoConfig, demo
+
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    if args.seeds is not None:
+        cfg = replace(cfg, seeds=args.seeds)
+    demo(args.out, cfg)
+
+
 def _schema(args: argparse.Namespace) -> None:
     from graftnet.spec import schema
 
@@ -96,6 +136,26 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a spec, build its models and print the resolved graft plan")
     p.add_argument("spec", help="YAML or JSON spec file")
     p.set_defaults(run=_check)
+
+    p = sub.add_parser("train", help="train a spec's student (scratch, finetune, kd, knowledge_flow), then export it")
+    p.add_argument("spec", help="YAML or JSON spec with student, data and train sections")
+    p.add_argument("--out", help="run folder (default runs/SPEC_NAME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that is not empty")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("plot", help="p_w per site over training (the paper's Fig. 1c) and accuracy curves as PNGs")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by graftnet train")
+    p.add_argument("--out", default="plots", help="folder for the PNGs (default ./plots)")
+    p.set_defaults(run=_plot)
+
+    p = sub.add_parser("demo", help="teachers, baselines and knowledge flow on built-in MNIST-1D, in minutes")
+    p.add_argument("--out", default="runs/demo", help="folder for the runs, tables and plots (default runs/demo)")
+    p.add_argument("--seeds", type=int, help="seeds per method (default 3)")
+    p.add_argument("--quick", action="store_true", help="a tiny version that runs in seconds (for smoke tests)")
+    p.set_defaults(run=_demo)
 
     p = sub.add_parser("export", help="detach a run's student, verify it on a probe batch, write it as safetensors")
     p.add_argument("source", metavar="RUN_OR_CKPT", help="a run folder (holding checkpoint.safetensors) or the file")
@@ -122,14 +182,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        args.run(args)
+        code = args.run(args)
     except GraftError as e:
         print(f"graftnet {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,14 @@ from __future__ import annotations
 __all__ = [
     "AdapterError",
     "CheckpointError",
+    "DataError",
     "DetachError",
     "GraftError",
     "ModelSourceError",
     "NameResolutionError",
     "SpecError",
     "TraceError",
+    "TrainingError",
 ]
 
 
@@ -44,3 +46,11 @@ class DetachError(GraftError):
 
 class CheckpointError(GraftError):
     """A checkpoint or exported file is missing, corrupt, or belongs to another model; or a write is refused."""
+
+
+class DataError(GraftError):
+    """A dataset is unknown, absent (with download off), or asked for classes or sizes it does not have."""
+
+
+class TrainingError(GraftError):
+    """Training cannot start or go on: a method lacks what it needs, a loss is not finite, a run folder clashes."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import linecache
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -39,6 +40,8 @@ class FrozenTeacher(nn.Module):
         self.body = body
         self.taps = taps
         self.needs_input_grad = needs_input_grad
+        self.reuse = False  # set by GraftedModel.reusing_teacher_features()
+        self._cached: tuple[torch.Tensor, ...] | None = None
         self.train(False)
         # What truncation kept, for reports: top-level children that run, and parameter counts.
         used = {str(n.target) for n in body.graph.nodes if n.op in ("call_module", "get_attr")}
@@ -54,8 +57,13 @@ class FrozenTeacher(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.needs_input_grad:
             return self.body(x)  # type: ignore[no-any-return]
+        if self.reuse and self._cached is not None:
+            return self._cached
         with torch.no_grad():
-            return self.body(x)  # type: ignore[no-any-return]
+            taps: tuple[torch.Tensor, ...] = self.body(x)
+        if self.reuse:
+            self._cached = taps
+        return taps
 
 
 def _compile(graph: fx.Graph, label: str) -> Callable[..., Any]:
@@ -119,6 +127,22 @@ class GraftedModel(nn.Module):
         if fn is None:
             fn = self._compiled[self.training] = _compile(self.graph, "train" if self.training else "eval")
         return fn(self, *args, **kwargs)
+
+    @contextmanager
+    def reusing_teacher_features(self) -> Iterator[None]:
+        """Within this block every call sees the same input batch: teachers run once and later calls reuse
+        their taps (a second forward with other parameters, such as θ_old for the KL term, costs no teacher work).
+
+        Teachers behind a learned input adapter are recomputed: their taps depend on trainable parameters.
+        """
+        teachers = [t for t in self.teachers.values() if isinstance(t, FrozenTeacher)]
+        for t in teachers:
+            t.reuse, t._cached = True, None
+        try:
+            yield
+        finally:
+            for t in teachers:
+                t.reuse, t._cached = False, None
 
     def p_w(self) -> dict[str, dict[str, float]]:
         """``{site: {"student": p0, "teacher:tap": p, ...}}``: the normalised weights of every site."""

@@ -105,7 +105,11 @@ class Mixer(nn.Module):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._calibrating = None  # re-read the loaded calibration state on the next forward
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the calibration state from the buffers on the next forward (after they were loaded or swapped)."""
+        self._calibrating = None
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, taps={list(self.taps)}, rescale_taps={self.rescale_taps}"

@@ -16,7 +16,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from graftnet.errors import SpecError
 
-__all__ = ["InputStep", "MixingSpec", "ModelSpec", "SiteSpec", "Spec", "TeacherSpec", "load_spec", "schema"]
+__all__ = [
+    "DataSpec",
+    "FinetuneSpec",
+    "InputStep",
+    "KDSpec",
+    "Lambda1Spec",
+    "MixingSpec",
+    "ModelSpec",
+    "SiteSpec",
+    "Spec",
+    "TeacherSpec",
+    "TrainSpec",
+    "load_spec",
+    "schema",
+]
 
 
 class _Strict(BaseModel):
@@ -111,6 +125,110 @@ class MixingSpec(_Strict):
         return init
 
 
+class DataSpec(_Strict):
+    """The task: a registered dataset, the classes kept, and how its training split is divided."""
+
+    dataset: str = Field(description="Registered dataset: digits, mnist1d, cifar10, cifar100, svhn, mnist, ...")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Dataset options: root, download, samples ...")
+    classes: list[int] | None = Field(None, description="Keep only these classes, relabelled 0..k-1 in this order.")
+    label_map: dict[int, int] | None = Field(None, description="Explicit {original: new} labels for kept classes.")
+    train_size: int | None = Field(None, ge=1, description="At most this many training samples (low-data tasks).")
+    val_size: int | float = Field(
+        0.1, description="Validation samples carved from the training split: a count, or a fraction in (0, 1)."
+    )
+    shuffle_labels: bool = Field(
+        False, description="Give training and validation samples randomly permuted labels (a control teacher "
+        "that learns nothing transferable)."
+    )  # fmt: skip
+    augment: bool = Field(True, description="The dataset's standard training augmentation.")
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    num_workers: int = Field(0, ge=0, description="DataLoader workers (in-memory built-in data needs none).")
+    seed: int = Field(0, description="Draws the validation split and the training subset, the same for every method.")
+
+    @field_validator("val_size")
+    @classmethod
+    def _val_size(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and not 0.0 < v < 1.0 or isinstance(v, int) and v < 1:
+            raise ValueError(f"val_size must be a count >= 1 or a fraction in (0, 1), got {v}")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, classes: list[int] | None) -> list[int] | None:
+        if classes is not None and (not classes or len(set(classes)) != len(classes)):
+            raise ValueError(f"classes must be a non-empty list without repeats, got {classes}")
+        return classes
+
+
+class Lambda1Spec(_Strict):
+    """λ1(t), the weight of the dependency loss: 0 until ``start``, a ramp to ``final`` by ``end``, then flat.
+
+    ``start`` and ``end`` are fractions of training; the paper ramps linearly from 0.
+    """
+
+    final: float = Field(10.0, ge=0.0, description="λ1 at the end of the ramp (FIELD-NOTES: 10 makes p0 reach 1).")
+    start: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of training where the ramp begins.")
+    end: float = Field(0.6, ge=0.0, le=1.0, description="Fraction of training where λ1 reaches its final value.")
+    kind: Literal["linear", "cosine", "constant"] = "linear"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Lambda1Spec:
+        if self.end < self.start:
+            raise ValueError(f"lambda1.end ({self.end}) must not come before lambda1.start ({self.start})")
+        return self
+
+
+class KDSpec(_Strict):
+    """Hinton et al. (2015): α·T²·KL(teacher_T ‖ student_T) + (1 − α)·cross-entropy."""
+
+    teacher: str = Field(description="The teacher (a key of 'teachers') whose outputs the student matches.")
+    temperature: float = Field(4.0, gt=0.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+
+
+class FinetuneSpec(_Strict):
+    """Start the student from a teacher's weights wherever names and shapes match (the head usually does not)."""
+
+    teacher: str = Field(description="The teacher (a key of 'teachers') to copy weights from.")
+
+
+class TrainSpec(_Strict):
+    """How a student is trained: the method, the budget, the optimiser and the knowledge-flow schedule."""
+
+    method: Literal["scratch", "finetune", "kd", "knowledge_flow"] = "knowledge_flow"
+    epochs: int = Field(30, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0, description="Learning rate of the student.")
+    lr_mixing: float | None = Field(
+        None,
+        gt=0.0,
+        description="Learning rate of the mixers' logits w (default: enough for w to move 20 units over the "
+        "lambda1 ramp, at least 10 × lr; Adam moves w about lr per step).",
+    )
+    lr_adapters: float | None = Field(None, gt=0.0, description="Learning rate of the adapters Q (default lr).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Weight decay of the student (never of w).")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule over training.")
+    seed: int = Field(0, description="Initialisation, batch order, augmentation and dropout.")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, or auto (cuda when available).")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (default: torch's choice; small models run faster on 1)."
+    )
+    lambda1: Lambda1Spec = Field(default_factory=Lambda1Spec)
+    lambda2: float = Field(0.1, ge=0.0, description="Weight of KL(f_θ ‖ f_θold), the paper's λ2.")
+    kl_lag: int = Field(1, ge=1, description="θ_old is refreshed every kl_lag optimiser steps (1: the step before).")
+    cut_teachers_at: float | None = Field(
+        0.7, gt=0.0, le=1.0,
+        description="Fraction of training after which teachers are removed and the plain student trains on "
+        "(null: keep them to the end).",
+    )  # fmt: skip
+    export_tol: float = Field(1e-3, gt=0.0, lt=1.0, description="Export refuses p_w(student) below 1 - tol.")
+    kd: KDSpec | None = None
+    finetune: FinetuneSpec | None = None
+    label: str | None = Field(None, description="Name of the run in plots and tables (default: the folder name).")
+
+
 class Spec(_Strict):
     """A graft: student, teachers, and the candidate set of every mixed student layer."""
 
@@ -122,6 +240,8 @@ class Spec(_Strict):
     sites: list[SiteSpec] = Field(default_factory=list)
     adapter: str = Field("auto", description="Default adapter key for every tap.")
     mixing: MixingSpec = Field(default_factory=MixingSpec)
+    data: DataSpec | None = Field(None, description="The task to train on (graftnet train).")
+    train: TrainSpec | None = Field(None, description="How to train (graftnet train).")
 
     @field_validator("input_shape")
     @classmethod
@@ -148,6 +268,27 @@ class Spec(_Strict):
                 )
             first[site.student] = i
         return self
+
+    @model_validator(mode="after")
+    def _method_has_what_it_needs(self) -> Spec:
+        train = self.train
+        if train is None:
+            return self
+        for method, section in (("kd", train.kd), ("finetune", train.finetune)):
+            if train.method == method and section is None:
+                raise ValueError(f"train.{method}: method {method!r} needs a train.{method} section naming its teacher")
+            if section is not None and section.teacher not in self.teachers:
+                raise ValueError(
+                    f"train.{method}.teacher: {section.teacher!r} is not a teacher of this spec "
+                    f"(teachers: {', '.join(sorted(self.teachers)) or 'none'})"
+                )
+        if train.method == "knowledge_flow" and not self.sites:
+            raise ValueError("sites: method 'knowledge_flow' needs at least one site with taps to mix")
+        return self
+
+    def graft_part(self) -> Spec:
+        """The spec without its training and data sections: what a graft and its checkpoint need."""
+        return self.model_copy(update={"data": None, "train": None})
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -15,10 +15,11 @@ from torch import nn
 
 from graftnet.errors import ModelSourceError
 from graftnet.models.a3c import A3CNet, a3c, a3c_minatar
+from graftnet.models.convnets import Convnet, cnn1d, convnet, densenet_cifar
 from graftnet.models.mlp import MLP, mlp
 from graftnet.registry import Registry
 
-__all__ = ["A3CNet", "MLP", "MODELS", "MODEL_SOURCES", "build_model", "load_weights", "register_model"]
+__all__ = ["A3CNet", "Convnet", "MLP", "MODELS", "MODEL_SOURCES", "build_model", "load_weights", "register_model"]
 
 ModelFactory = Callable[..., nn.Module]
 MODEL_SOURCES: Registry[Callable[[str, dict[str, Any]], nn.Module]] = Registry("model source", ModelSourceError)
@@ -26,6 +27,9 @@ MODELS: Registry[ModelFactory] = Registry("graftnet model", ModelSourceError)
 MODELS.add("a3c", a3c)
 MODELS.add("a3c_minatar", a3c_minatar)
 MODELS.add("mlp", mlp)
+MODELS.add("cnn1d", cnn1d)
+MODELS.add("convnet", convnet)
+MODELS.add("densenet_cifar", densenet_cifar)
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:

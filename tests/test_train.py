@@ -1,0 +1,394 @@
+"""Training: the objective's parts, the methods, repeatability, exact resume, signals, non-finite losses, export."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import graftnet
+from graftnet.checkpoint import read_checkpoint
+from graftnet.errors import DataError, ModelSourceError, SpecError, TrainingError
+from graftnet.losses import kd_loss, kl_to_old, lambda1_at
+from graftnet.methods import METHODS, KnowledgeFlow
+from graftnet.models import build_model
+from graftnet.trainer import _param_groups, train
+
+CNN = {"model": "graftnet:cnn1d", "kwargs": {"num_classes": 3, "channels": [8, 8]}}
+DATA = {"dataset": "mnist1d", "kwargs": {"samples": 600}, "classes": [0, 1, 2], "train_size": 96, "val_size": 40,
+        "batch_size": 32}  # fmt: skip
+
+
+def _teacher_file(tmp_path: Path, seed: int = 1) -> str:
+    torch.manual_seed(seed)
+    path = tmp_path / f"teacher{seed}.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model(CNN["model"], CNN["kwargs"]).state_dict().items()}, path)
+    return str(path)
+
+
+def _spec(tmp_path: Path, method: str = "knowledge_flow", **train: Any) -> dict[str, Any]:
+    weights = _teacher_file(tmp_path)
+    spec: dict[str, Any] = {
+        "student": CNN,
+        "teachers": {"t": {**CNN, "weights": weights}},
+        "data": DATA,
+        "train": {"method": method, "epochs": 3, "lr": 3e-3, "threads": 1, **train},
+    }
+    if method == "knowledge_flow":
+        spec["sites"] = [{"student": s, "taps": [f"t:{s}"]} for s in ("features.act1", "features.act2")]
+    if method in ("kd", "finetune"):
+        spec["train"][method] = {"teacher": "t"}
+    return spec
+
+
+def _run(spec: dict[str, Any], run_dir: Path, **kwargs: Any) -> graftnet.trainer.RunResult:
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("tensorboard", False)
+    return train(spec, run_dir, **kwargs)
+
+
+# ---- the objective's parts ----------------------------------------------------------------------------------
+
+
+def test_lambda1_ramps_from_zero() -> None:
+    assert [lambda1_at(p, 10.0, 0.2, 0.6) for p in (0.0, 0.2, 0.4, 0.6, 1.0)] == [0.0, 0.0, 5.0, 10.0, 10.0]
+    assert lambda1_at(0.4, 10.0, 0.2, 0.6, "cosine") == pytest.approx(5.0)
+    assert lambda1_at(0.0, 2.0, 0.2, 0.6, "constant") == 2.0
+
+
+def test_kd_loss_is_hintons() -> None:
+    torch.manual_seed(0)
+    s, t, y = torch.randn(5, 4), torch.randn(5, 4), torch.randint(0, 4, (5,))
+    p_t = torch.softmax(t / 3.0, -1)
+    soft = (p_t * (p_t.log() - torch.log_softmax(s / 3.0, -1))).sum(-1).mean()
+    expected = 0.7 * 9.0 * soft + 0.3 * torch.nn.functional.cross_entropy(s, y)
+    assert kd_loss(s, t, y, 3.0, 0.7) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_kl_to_old_is_zero_at_equal_parameters_and_pulls_toward_old() -> None:
+    logits = torch.randn(6, 5, requires_grad=True)
+    same = kl_to_old(logits, logits.detach().clone())
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    old = torch.randn(6, 5)
+    kl = kl_to_old(logits, old)
+    (grad,) = torch.autograd.grad(kl, logits)
+    assert float(kl) > 0 and float(grad.abs().sum()) > 0
+
+
+def test_snapshot_holds_the_parameters_before_the_last_step(tmp_path: Path) -> None:
+    spec = graftnet.load_spec(_spec(tmp_path)).model_copy(update={"input_shape": [1, 40]})
+    method = KnowledgeFlow(spec)
+    g = method.build(build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40))
+    assert method.snapshot is not None
+    names = set(method.snapshot.tensors)
+    assert any(n.startswith("mixing.") and n.endswith("logits") for n in names)  # w, Q and student all kept
+    assert any(n.startswith("student.") for n in names)
+    opt = torch.optim.SGD([p for p in g.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.randn(8, 1, 40), torch.randint(0, 3, (8,))
+    for step in range(2):
+        before = {n: p.detach().clone() for n, p in g.named_parameters() if p.requires_grad}
+        loss = method.loss(g, x, y, 0.9)
+        opt.zero_grad()
+        loss.total.backward()
+        method.before_step(g, step)
+        opt.step()
+        for n, t in method.snapshot.tensors.items():
+            assert torch.equal(t, before[n]), n
+    # after two real steps θ_old differs from θ, so the KL term is positive and has a gradient
+    loss = method.loss(g, x, y, 0.9)
+    assert float(loss.parts["kl_loss"]) > 0
+
+
+def test_teachers_run_once_per_batch_for_both_passes(tmp_path: Path) -> None:
+    spec = graftnet.load_spec(_spec(tmp_path, lambda2=1.0)).model_copy(update={"input_shape": [1, 40]})
+    method = KnowledgeFlow(spec)
+    g = method.build(build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40))
+    calls = []
+    g.teachers["t"].body.register_forward_hook(lambda *a: calls.append(1))
+    method.loss(g, torch.randn(8, 1, 40), torch.randint(0, 3, (8,)), 0.5)
+    assert len(calls) == 1
+    g(torch.randn(8, 1, 40))  # outside the loss, teachers run again: nothing stale is reused
+    assert len(calls) == 2
+
+
+def test_kl_pass_leaves_buffers_alone(tmp_path: Path) -> None:
+    spec = graftnet.load_spec(_spec(tmp_path)).model_copy(update={"input_shape": [1, 40]})
+    method = KnowledgeFlow(spec)
+    g = method.build(build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40))
+    x = torch.randn(8, 1, 40)
+    g(x)  # one ordinary training pass
+    buffers = {n: b.clone() for n, b in g.named_buffers()}
+    assert method.snapshot is not None
+    method.snapshot.outputs(g, x)
+    for n, b in g.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+
+
+def test_learning_rates_are_separate(tmp_path: Path) -> None:
+    spec = graftnet.load_spec(_spec(tmp_path, lr=1e-3, lr_mixing=5e-2, lr_adapters=2e-3, weight_decay=1e-4))
+    spec = spec.model_copy(update={"input_shape": [1, 40]})
+    g = METHODS.get("knowledge_flow")(spec).build(build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40))
+    groups = {grp["name"]: grp for grp in _param_groups(g, spec, 100)}
+    assert groups["student"]["lr"] == 1e-3 and groups["mixing"]["lr"] == 5e-2
+    assert groups["mixing"]["weight_decay"] == 0.0 and groups["student"]["weight_decay"] == 1e-4
+    assert all(p.ndim == 1 for p in groups["mixing"]["params"])  # the logits w only
+    assert not any(p is q for p in groups["student"]["params"] for q in g.teachers.parameters())
+
+
+# ---- methods ------------------------------------------------------------------------------------------------
+
+
+def test_finetune_starts_from_the_teacher(tmp_path: Path) -> None:
+    spec = graftnet.load_spec(_spec(tmp_path, "finetune")).model_copy(update={"input_shape": [1, 40]})
+    method = METHODS.get("finetune")(spec)
+    student = build_model(CNN["model"], CNN["kwargs"])
+    method.build(student, torch.randn(4, 1, 40))
+    teacher = load_file(spec.teachers["t"].weights)
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in teacher.items())
+
+
+def test_finetune_refuses_a_teacher_that_shares_nothing(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "finetune")
+    other = {"model": "graftnet:mlp", "kwargs": {"in_features": 40, "hidden": [7], "num_classes": 3}}
+    spec["teachers"]["t"] = other
+    with pytest.raises(TrainingError, match="no tensor of teacher 't' fits the student"):
+        _run(spec, tmp_path / "run")
+
+
+def test_kd_needs_the_targets_output_space(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "kd")
+    spec["teachers"]["t"] = {"model": "graftnet:cnn1d", "kwargs": {"num_classes": 7, "channels": [8, 8]}}
+    with pytest.raises(TrainingError, match=r"outputs \(8, 7\) but the student outputs \(8, 3\)"):
+        _run(spec, tmp_path / "run")
+
+
+@pytest.mark.parametrize("method", ["scratch", "finetune", "kd", "knowledge_flow"])
+def test_every_method_trains_and_exports_a_plain_student(tmp_path: Path, method: str) -> None:
+    result = _run(_spec(tmp_path, method), tmp_path / "run")
+    assert result.epochs == 3 and result.test_error is not None and 0.0 <= result.test_error <= 100.0
+    state = load_file(tmp_path / "run" / "student.safetensors")
+    fresh = build_model(CNN["model"], CNN["kwargs"])
+    fresh.load_state_dict(state, strict=True)  # the student's own keys, nothing of teachers or mixers
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["test_error"] == pytest.approx(result.test_error)
+    # the reported error is the exported student's, evaluated alone
+    splits = graftnet.data.make_splits(**{k: v for k, v in _data_args().items()})
+    _, acc = graftnet.trainer.evaluate(fresh, splits.test, 512, torch.device("cpu"))
+    assert result.test_error == pytest.approx(100 * (1 - acc))
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 4
+    if method == "knowledge_flow":
+        assert "p_w/features.act1/student" in rows[0] and result.min_p_w_student is not None
+
+
+def _data_args() -> dict[str, Any]:
+    return {"dataset": "mnist1d", "kwargs": DATA["kwargs"], "classes": DATA["classes"],
+            "train_size": DATA["train_size"], "val_size": DATA["val_size"]}  # fmt: skip
+
+
+def test_knowledge_flow_reaches_independence_and_cuts_teachers(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, epochs=10, lambda1={"final": 10.0, "start": 0.0, "end": 0.5}, lr_mixing=0.05,
+                 cut_teachers_at=0.8)  # fmt: skip
+    result = _run(spec, tmp_path / "run")
+    header, *rows = [r.split(",") for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
+    col = {name: i for i, name in enumerate(header)}
+    p0 = [float(r[col["p_w/features.act2/student"]]) for r in rows]
+    assert p0[0] < 0.75 and p0[6] > 0.9  # p_w(student) rises as λ1 ramps up
+    cut = [int(r[col["teachers_cut"]]) for r in rows]
+    assert cut == [0] * 8 + [1] * 2  # cut at 80% of training
+    assert result.min_p_w_student is not None and result.min_p_w_student > 0.9
+
+
+def test_runs_are_repeatable(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    _run(spec, tmp_path / "a")
+    _run(spec, tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "student.safetensors"), load_file(tmp_path / "b" / "student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    spec["train"]["seed"] = 1
+    _run(spec, tmp_path / "c")
+    c = load_file(tmp_path / "c" / "student.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+# ---- checkpoints, resume, signals, non-finite losses ---------------------------------------------------------
+
+
+def _interrupt_at(step: int) -> Any:
+    def on_step(s: int) -> None:
+        if s == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return on_step
+
+
+@pytest.mark.parametrize("stop_step", [4, 6], ids=["mid-epoch", "epoch-end"])
+def test_resume_continues_exactly(tmp_path: Path, stop_step: int) -> None:
+    # 96 samples / batch 32 = 3 steps per epoch; teachers cut at 70% (start of epoch 3); augmentation and KL on
+    spec = _spec(tmp_path, epochs=3, lambda1={"start": 0.0, "end": 0.5})
+    full = _run(spec, tmp_path / "full")
+    stopped = _run(spec, tmp_path / "split", on_step=_interrupt_at(stop_step))
+    assert stopped.interrupted == "SIGINT" and stopped.test_error is None
+    meta = read_checkpoint(tmp_path / "split")[1]["train_state"]
+    assert meta["step"] == stop_step and not (tmp_path / "split" / "student.safetensors").exists()
+    resumed = _run(spec, tmp_path / "split", resume=True)
+    a = load_file(tmp_path / "full" / "student.safetensors")
+    b = load_file(tmp_path / "split" / "student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.test_error == full.test_error
+    full_rows = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
+    split_rows = (tmp_path / "split" / "metrics.csv").read_text().splitlines()
+    drop_seconds = [lambda r: r.split(",")[:13] + r.split(",")[14:]][0]
+    assert [drop_seconds(r) for r in full_rows] == [drop_seconds(r) for r in split_rows]
+
+
+def test_a_run_folder_is_not_clobbered(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "scratch", epochs=1)
+    _run(spec, tmp_path / "run")
+    with pytest.raises(TrainingError, match="not empty; pass --resume .* or --overwrite"):
+        _run(spec, tmp_path / "run")
+    changed = copy.deepcopy(spec)
+    changed["train"]["lr"] = 1e-2
+    with pytest.raises(TrainingError, match="the spec differs"):
+        _run(changed, tmp_path / "run", resume=True)
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        _run(spec, tmp_path / "empty", resume=True)
+    _run(spec, tmp_path / "run", overwrite=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "scratch", epochs=3)
+    holder: dict[str, Any] = {}
+
+    def poison(step: int) -> None:
+        if step == 4:  # after the first epoch's checkpoint (3 steps per epoch)
+            holder["before"] = load_file(tmp_path / "run" / "checkpoint.safetensors")
+            model = holder["model"]
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+    original = METHODS.get("scratch")
+
+    class Spy(original):  # type: ignore[misc,valid-type]
+        def build(self, student: torch.nn.Module, example: torch.Tensor) -> Any:
+            holder["model"] = student
+            return super().build(student, example)
+
+    METHODS.add("scratch", Spy, overwrite=True)
+    try:
+        with pytest.raises(TrainingError, match=r"not finite at epoch 2, step 5 .* last good checkpoint"):
+            _run(spec, tmp_path / "run", on_step=poison)
+    finally:
+        METHODS.add("scratch", original, overwrite=True)
+    after = load_file(tmp_path / "run" / "checkpoint.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in holder["before"].items())
+    assert all(torch.isfinite(v).all() for k, v in after.items() if v.is_floating_point())
+    assert read_checkpoint(tmp_path / "run")[1]["train_state"]["epoch"] == 1
+
+
+# ---- bad input, before any training --------------------------------------------------------------------------
+
+
+def test_missing_teacher_weights_fail_before_training(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    spec["teachers"]["t"]["weights"] = str(tmp_path / "nope.safetensors")
+    with pytest.raises(ModelSourceError, match="nope.safetensors.*does not exist"):
+        _run(spec, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_method_needing_a_missing_teacher_is_a_spec_error(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "kd")
+    spec["train"]["kd"] = {"teacher": "c100"}
+    with pytest.raises(SpecError, match=r"train.kd.teacher: 'c100' is not a teacher of this spec \(teachers: t\)"):
+        _run(spec, tmp_path / "run")
+    del spec["train"]["kd"]
+    with pytest.raises(SpecError, match="method 'kd' needs a train.kd section"):
+        _run(spec, tmp_path / "run")
+
+
+def test_absent_dataset_root_fails_before_training(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "scratch")
+    spec["data"] = {"dataset": "cifar10", "kwargs": {"root": str(tmp_path / "nowhere"), "download": False}}
+    with pytest.raises(DataError, match="nowhere.*download"):
+        _run(spec, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_spec_errors_name_their_path(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    spec["train"]["lambda1"] = {"final": -1}
+    spec["data"]["val_size"] = 1.5
+    with pytest.raises(SpecError) as err:
+        _run(spec, tmp_path / "run")
+    assert "train.lambda1.final" in str(err.value) and "data.val_size" in str(err.value)
+
+
+def test_wrong_class_count_is_caught(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "scratch")
+    spec["student"] = {"model": "graftnet:cnn1d", "kwargs": {"num_classes": 10, "channels": [8, 8]}}
+    with pytest.raises(TrainingError, match="outputs 10 classes but the task has 3"):
+        _run(spec, tmp_path / "run")
+
+
+# ---- the command line ----------------------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, spec: dict[str, Any]) -> Path:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_cli_train_then_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from graftnet.cli import main
+
+    path = _write(tmp_path, _spec(tmp_path, epochs=2))
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "student alone: validation error" in out and (tmp_path / "run" / "tb").is_dir()
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "p_w.png").is_file() and (tmp_path / "plots" / "accuracy.png").is_file()
+
+
+def test_cli_sigterm_saves_and_resume_finishes(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "scratch", epochs=400)
+    path = _write(tmp_path, spec)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "graftnet", "train", str(path), "--out", str(run), "--no-progress", "--no-tensorboard"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM" in err and "--resume" in err
+    epoch = read_checkpoint(run)[1]["train_state"]["epoch"]
+    assert 1 <= epoch < 400
+    spec["train"]["epochs"] = 400
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (run / "student.safetensors").is_file()
+
+
+def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from graftnet.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    for label in ("scratch", "fine-tune from related", "KD from related", "knowledge flow (related + unrelated)",
+                  "untrained teachers (control)"):  # fmt: skip
+        assert f"| {label}" in out
+    assert (tmp_path / "demo" / "plots" / "p_w.png").is_file()
+    assert (tmp_path / "demo" / "results.md").read_text().count("\n| ") == 6
