@@ -24,7 +24,7 @@ def lambda1_at(progress: float, final: float, start: float, end: float, kind: st
     """λ1 at ``progress`` ∈ [0, 1] of training: 0 before ``start``, ramping to ``final`` at ``end``, then flat.
 
     Examples:
-        >>> [lambda1_at(p, 10.0, 0.2, 0.6) for p in (0.0, 0.2, 0.4, 0.6, 1.0)]
+        >>> [round(lambda1_at(p, 10.0, 0.2, 0.6), 6) for p in (0.0, 0.2, 0.4, 0.6, 1.0)]
         [0.0, 0.0, 5.0, 10.0, 10.0]
     """
     if kind == "constant":

@@ -422,7 +422,6 @@ def train(
                 generator = torch.Generator().manual_seed(t.seed * 1_000_003 + epoch)
                 data = batches(splits.train, d.batch_size, shuffle=True, generator=generator, skip=batch_in_epoch,
                                train=True, num_workers=d.num_workers)  # fmt: skip
-                lambda1 = 0.0
                 for x, y in data:
                     x, y = x.to(device), y.to(device)
                     progress_now = step / total_steps
@@ -449,7 +448,6 @@ def train(
                     sums["loss"] = sums.get("loss", 0.0) + float(result.total.detach()) * n
                     for k, v in result.parts.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
-                    lambda1 = method.lambda1(progress_now)
                     if bar is not None:
                         bar.update(1)
                         mean_loss, acc = sums["loss"] / sums["n"], sums["correct"] / sums["n"]
@@ -465,7 +463,8 @@ def train(
                 epoch += 1
                 n_seen = max(sums.get("n", 0), 1)
                 row: dict[str, Any] = {
-                    "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"], "lambda1": lambda1,
+                    "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                "lambda1": method.lambda1(step / total_steps),
                     "train_acc": sums.get("correct", 0) / n_seen, "val_loss": val_loss, "val_acc": val_acc,
                     "teachers_cut": int(method.cut), "seconds": seconds,
                     **{k: (sums[k] / n_seen if k in sums else None) for k in _LOSS_PARTS},

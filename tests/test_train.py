@@ -39,9 +39,9 @@ def _teacher_file(tmp_path: Path, seed: int = 1) -> str:
 def _spec(tmp_path: Path, method: str = "knowledge_flow", **train: Any) -> dict[str, Any]:
     weights = _teacher_file(tmp_path)
     spec: dict[str, Any] = {
-        "student": CNN,
-        "teachers": {"t": {**CNN, "weights": weights}},
-        "data": DATA,
+        "student": copy.deepcopy(CNN),
+        "teachers": {"t": {**copy.deepcopy(CNN), "weights": weights}},
+        "data": copy.deepcopy(DATA),
         "train": {"method": method, "epochs": 3, "lr": 3e-3, "threads": 1, **train},
     }
     if method == "knowledge_flow":
@@ -61,7 +61,7 @@ def _run(spec: dict[str, Any], run_dir: Path, **kwargs: Any) -> graftnet.trainer
 
 
 def test_lambda1_ramps_from_zero() -> None:
-    assert [lambda1_at(p, 10.0, 0.2, 0.6) for p in (0.0, 0.2, 0.4, 0.6, 1.0)] == [0.0, 0.0, 5.0, 10.0, 10.0]
+    assert [lambda1_at(p, 10.0, 0.2, 0.6) for p in (0.0, 0.2, 0.4, 0.6, 1.0)] == pytest.approx([0, 0, 5, 10, 10])
     assert lambda1_at(0.4, 10.0, 0.2, 0.6, "cosine") == pytest.approx(5.0)
     assert lambda1_at(0.0, 2.0, 0.2, 0.6, "constant") == 2.0
 
@@ -78,7 +78,7 @@ def test_kd_loss_is_hintons() -> None:
 def test_kl_to_old_is_zero_at_equal_parameters_and_pulls_toward_old() -> None:
     logits = torch.randn(6, 5, requires_grad=True)
     same = kl_to_old(logits, logits.detach().clone())
-    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    assert float(same.detach()) == pytest.approx(0.0, abs=1e-6)
     old = torch.randn(6, 5)
     kl = kl_to_old(logits, old)
     (grad,) = torch.autograd.grad(kl, logits)
@@ -159,7 +159,7 @@ def test_finetune_starts_from_the_teacher(tmp_path: Path) -> None:
 
 def test_finetune_refuses_a_teacher_that_shares_nothing(tmp_path: Path) -> None:
     spec = _spec(tmp_path, "finetune")
-    other = {"model": "graftnet:mlp", "kwargs": {"in_features": 40, "hidden": [7], "num_classes": 3}}
+    other = {"model": "graftnet:mlp", "kwargs": {"in_features": 40, "hidden": [7], "num_classes": 4}}
     spec["teachers"]["t"] = other
     with pytest.raises(TrainingError, match="no tensor of teacher 't' fits the student"):
         _run(spec, tmp_path / "run")
@@ -197,16 +197,16 @@ def _data_args() -> dict[str, Any]:
 
 
 def test_knowledge_flow_reaches_independence_and_cuts_teachers(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, epochs=10, lambda1={"final": 10.0, "start": 0.0, "end": 0.5}, lr_mixing=0.05,
+    spec = _spec(tmp_path, epochs=10, lambda1={"final": 10.0, "start": 0.0, "end": 0.5},
                  cut_teachers_at=0.8)  # fmt: skip
     result = _run(spec, tmp_path / "run")
     header, *rows = [r.split(",") for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
     col = {name: i for i, name in enumerate(header)}
     p0 = [float(r[col["p_w/features.act2/student"]]) for r in rows]
-    assert p0[0] < 0.75 and p0[6] > 0.9  # p_w(student) rises as λ1 ramps up
+    assert 0.5 < p0[0] < p0[1] < p0[4] and p0[7] > 0.999  # p_w(student) starts at 1/2 and rises as λ1 ramps up
     cut = [int(r[col["teachers_cut"]]) for r in rows]
     assert cut == [0] * 8 + [1] * 2  # cut at 80% of training
-    assert result.min_p_w_student is not None and result.min_p_w_student > 0.9
+    assert result.min_p_w_student is not None and result.min_p_w_student > 0.999
 
 
 def test_runs_are_repeatable(tmp_path: Path) -> None:
@@ -388,7 +388,7 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     for label in ("scratch", "fine-tune from related", "KD from related", "knowledge flow (related + unrelated)",
-                  "untrained teachers (control)"):  # fmt: skip
+                  "knowledge flow, untrained teachers (control)"):  # fmt: skip
         assert f"| {label}" in out
     assert (tmp_path / "demo" / "plots" / "p_w.png").is_file()
     assert (tmp_path / "demo" / "results.md").read_text().count("\n| ") == 6
