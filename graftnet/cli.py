@@ -78,13 +78,35 @@ def _export(args: argparse.Namespace) -> None:
     print(f"  spec sha256: {report.spec_sha256}")
 
 
+def _with_overrides(path: str, overrides: Sequence[str]) -> Any:
+    """The spec file with ``KEY=VALUE`` overrides applied (dotted keys, YAML values), or the path if none."""
+    if not overrides:
+        return path
+    from graftnet.spec import read_spec_file
+
+    raw = read_spec_file(Path(path)) or {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise GraftError(f"--set {item!r} must look like KEY=VALUE, e.g. --set train.method=scratch")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part, {}), dict):
+                raise GraftError(f"--set {item!r}: {part!r} is not a section of the spec")
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(text)
+    return raw
+
+
 def _train(args: argparse.Namespace) -> int:
     import signal
 
     from graftnet.trainer import train
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.spec).stem
-    result = train(args.spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+    spec = _with_overrides(args.spec, args.set)
+    result = train(spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                    tensorboard=not args.no_tensorboard)  # fmt: skip
     if result.interrupted:
         print(f"{result.interrupted}: stopped at epoch {result.epochs}; the checkpoint is saved in {out}. "
@@ -140,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a spec's student (scratch, finetune, kd, knowledge_flow), then export it")
     p.add_argument("spec", help="YAML or JSON spec with student, data and train sections")
     p.add_argument("--out", help="run folder (default runs/SPEC_NAME)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set train.method=scratch --set train.seed=1 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that is not empty")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -300,7 +300,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _read(path: Path) -> Any:
+def read_spec_file(path: Path) -> Any:
+    """The raw data of a YAML or JSON spec file, before validation."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -336,7 +337,7 @@ def load_spec(spec: str | Path | dict[str, Any] | Spec) -> Spec:
     source = "given as a dict"
     if isinstance(spec, (str, Path)):
         source = str(spec)
-        spec = _read(Path(spec))
+        spec = read_spec_file(Path(spec))
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):

@@ -391,4 +391,4 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
                   "knowledge flow, untrained teachers (control)"):  # fmt: skip
         assert f"| {label}" in out
     assert (tmp_path / "demo" / "plots" / "p_w.png").is_file()
-    assert (tmp_path / "demo" / "results.md").read_text().count("\n| ") == 6
+    assert (tmp_path / "demo" / "results.md").read_text().count("\n| ") == 7  # header, rule, 5 methods
