@@ -135,6 +135,8 @@ def _demo(args: argparse.Namespace) -> None:
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.seeds is not None:
         cfg = replace(cfg, seeds=args.seeds)
+    if args.target_train is not None:
+        cfg = replace(cfg, target_train=args.target_train)
     demo(args.out, cfg)
 
 
@@ -178,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="teachers, baselines and knowledge flow on built-in MNIST-1D, in minutes")
     p.add_argument("--out", default="runs/demo", help="folder for the runs, tables and plots (default runs/demo)")
     p.add_argument("--seeds", type=int, help="seeds per method (default 3)")
+    p.add_argument("--target-train", type=int, help="labelled target samples (default 100)")
     p.add_argument("--quick", action="store_true", help="a tiny version that runs in seconds (for smoke tests)")
     p.set_defaults(run=_demo)
 

@@ -38,17 +38,25 @@ class DemoConfig:
     """Sizes of the demo; the defaults take a few minutes on two cores, ``quick()`` seconds (for tests)."""
 
     samples: int = 10000  # MNIST-1D samples generated (80% training split)
-    target_train: int = 256  # labelled target samples
+    target_train: int = 100  # labelled target samples
     val: int = 500
+    batch_size: int = 32
     teacher_epochs: int = 20
-    epochs: int = 50
+    epochs: int = 100
     seeds: int = 3
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+    kd_alphas: tuple[float, ...] = (0.2, 0.9)  # KD's weight of the soft targets, chosen on validation too
     methods: tuple[str, ...] = ("scratch", "finetune", "kd", "knowledge_flow", "knowledge_flow_untrained")
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        return cls(samples=2000, target_train=64, val=100, teacher_epochs=2, epochs=4, seeds=2, lrs=(3e-3,))
+        return cls(samples=2000, target_train=64, val=100, teacher_epochs=2, epochs=4, seeds=2, lrs=(3e-3,),
+                   kd_alphas=(0.9,))  # fmt: skip
+
+    def settings(self, method: str) -> list[dict[str, float]]:
+        """The hyper-parameter grid of ``method``: learning rates, and for KD also α."""
+        alphas = self.kd_alphas if method == "kd" else (None,)
+        return [{"lr": lr} | ({"alpha": a} if a is not None else {}) for lr in self.lrs for a in alphas]
 
 
 @dataclass
@@ -56,7 +64,7 @@ class MethodSummary:
     """One row of the demo's table: the learning rate chosen on validation and the errors over seeds."""
 
     method: str
-    lr: float
+    setting: dict[str, float]
     test_errors: list[float] = field(default_factory=list)
     val_errors: list[float] = field(default_factory=list)
     min_p_w_student: list[float] = field(default_factory=list)
@@ -66,7 +74,7 @@ class MethodSummary:
         std = statistics.stdev(self.test_errors) if len(self.test_errors) > 1 else 0.0
         p0 = f"{min(self.min_p_w_student):.4f}" if self.min_p_w_student else "-"
         val = statistics.mean(self.val_errors)
-        return f"| {LABELS[self.method]} | {self.lr:g} | {mean:.2f} ± {std:.2f} | {val:.2f} | {p0} |"
+        return f"| {LABELS[self.method]} | {_name(self.setting, ' ')} | {mean:.2f} ± {std:.2f} | {val:.2f} | {p0} |"
 
 
 LABELS = {
@@ -86,31 +94,41 @@ def _data(cfg: DemoConfig, classes: list[int], train_size: int | None, shuffle: 
         "train_size": train_size,
         "val_size": cfg.val,
         "shuffle_labels": shuffle,
+        "batch_size": cfg.batch_size,
     }
 
 
-def _train_section(method: str, epochs: int, lr: float, seed: int, **extra: Any) -> dict[str, Any]:
-    return {"method": method, "epochs": epochs, "lr": lr, "seed": seed, "threads": 1, **extra}
+def _train_section(method: str, epochs: int, lr: float, seed: int, label: str, **extra: Any) -> dict[str, Any]:
+    return {"method": method, "epochs": epochs, "lr": lr, "seed": seed, "threads": 1, "label": label, **extra}
 
 
-def _student_spec(cfg: DemoConfig, method: str, lr: float, seed: int, teachers_dir: Path) -> dict[str, Any]:
+def _name(setting: dict[str, float], sep: str = "_") -> str:
+    return sep.join(f"{k}{'=' if sep == ' ' else ''}{v:g}" for k, v in setting.items())
+
+
+def _student_spec(
+    cfg: DemoConfig, method: str, setting: dict[str, float], seed: int, teachers_dir: Path
+) -> dict[str, Any]:
     """The spec of one target run."""
+    lr = setting["lr"]
     data = _data(cfg, [0, 1, 2, 3, 4], cfg.target_train)
     spec: dict[str, Any] = {"student": STUDENT, "data": data}
     trained = {name: str(teachers_dir / name / "student.safetensors") for name in ("related", "unrelated")}
+    label = LABELS[method]
     if method == "scratch":
-        spec["train"] = _train_section("scratch", cfg.epochs, lr, seed)
+        spec["train"] = _train_section("scratch", cfg.epochs, lr, seed, label)
     elif method == "finetune":
         spec["teachers"] = {"related": {**STUDENT, "weights": trained["related"]}}
-        spec["train"] = _train_section("finetune", cfg.epochs, lr, seed, finetune={"teacher": "related"})
+        spec["train"] = _train_section("finetune", cfg.epochs, lr, seed, label, finetune={"teacher": "related"})
     elif method == "kd":
         spec["teachers"] = {"related": {**STUDENT, "weights": trained["related"]}}
-        spec["train"] = _train_section("kd", cfg.epochs, lr, seed, kd={"teacher": "related"})
+        kd = {"teacher": "related", "alpha": setting["alpha"]}
+        spec["train"] = _train_section("kd", cfg.epochs, lr, seed, label, kd=kd)
     else:
         untrained = method == "knowledge_flow_untrained"
         spec["teachers"] = {n: {**STUDENT, "weights": None if untrained else w} for n, w in trained.items()}
         spec["sites"] = [{"student": s, "taps": [f"related:{s}", f"unrelated:{s}"]} for s in SITES]
-        spec["train"] = _train_section("knowledge_flow", cfg.epochs, lr, seed)
+        spec["train"] = _train_section("knowledge_flow", cfg.epochs, lr, seed, label)
     return spec
 
 
@@ -166,26 +184,27 @@ def demo(
             spec = {
                 "student": STUDENT,
                 "data": _data(cfg, [5, 6, 7, 8, 9], None, shuffle),
-                "train": _train_section("scratch", cfg.teacher_epochs, 3e-3, 0),
+                "train": _train_section("scratch", cfg.teacher_epochs, 3e-3, 0, f"teacher {name}"),
             }
             run(spec, teachers_dir / name, f"teacher {name} ({'shuffled' if shuffle else 'true'} source labels)")
 
         summaries = []
         for method in cfg.methods:
-            log(f"{LABELS[method]}: choosing the learning rate on validation (seed 0)")
-            best: tuple[float, float, RunResult] | None = None
-            for lr in cfg.lrs:
-                r = run(_student_spec(cfg, method, lr, 0, teachers_dir), out / method / f"lr{lr:g}_seed0", f"lr {lr:g}")
+            log(f"{LABELS[method]}: choosing hyper-parameters on validation (seed 0)")
+            best: tuple[float, dict[str, float], RunResult] | None = None
+            for setting in cfg.settings(method):
+                spec = _student_spec(cfg, method, setting, 0, teachers_dir)
+                r = run(spec, out / method / f"{_name(setting)}_seed0", _name(setting, " "))
                 assert r.val_error is not None
                 if best is None or r.val_error < best[0]:
-                    best = (r.val_error, lr, r)
+                    best = (r.val_error, setting, r)
             assert best is not None
-            _, lr, first = best
-            summary = MethodSummary(method, lr)
+            _, setting, first = best
+            summary = MethodSummary(method, setting)
             for seed in range(cfg.seeds):
                 r = first if seed == 0 else run(
-                    _student_spec(cfg, method, lr, seed, teachers_dir), out / method / f"lr{lr:g}_seed{seed}",
-                    f"lr {lr:g} seed {seed}",
+                    _student_spec(cfg, method, setting, seed, teachers_dir),
+                    out / method / f"{_name(setting)}_seed{seed}", f"{_name(setting, ' ')} seed {seed}",
                 )  # fmt: skip
                 assert r.test_error is not None and r.val_error is not None
                 summary.test_errors.append(r.test_error)
@@ -198,14 +217,14 @@ def demo(
 
     table = [
         f"Test error (%) of the exported students on MNIST-1D digits 0-4 ({cfg.target_train} labels), "
-        f"mean ± std over {cfg.seeds} seeds; learning rate chosen on validation:",
+        f"mean ± std over {cfg.seeds} seeds; hyper-parameters chosen on validation (seed 0):",
         "",
-        "| method | lr | test error | val error | min p_w(student) at cut |",
+        "| method | chosen | test error | val error | min p_w(student) at cut |",
         "| --- | --- | --- | --- | --- |",
         *(s.row() for s in summaries),
     ]
     log("\n".join(table))
-    chosen = [out / s.method / f"lr{s.lr:g}_seed0" for s in summaries]
+    chosen = [out / s.method / f"{_name(s.setting)}_seed0" for s in summaries]
     for path in plot_runs(chosen, out / "plots"):
         log(f"wrote {path}")
     (out / "results.md").write_text("\n".join(table) + "\n")

@@ -153,7 +153,7 @@ def _pack(
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"{_STATE}rng.cuda.{i}"] = s
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     tensors[f"{_STATE}rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
     for name, t in method.extra_state().items():
         tensors[f"{_STATE}method.{name}"] = t
@@ -338,7 +338,7 @@ def train(
     for section in ("student", "data", "train"):
         if getattr(spec, section) is None:
             raise SpecError(f"{section}: graftnet train needs a '{section}' section in the spec")
-    assert spec.student is not None and spec.data is not None and spec.train is not None
+    assert given.student is not None and spec.data is not None and spec.train is not None
     t, d = spec.train, spec.data
     run_dir = Path(run_dir)
     saved = _check_run_dir(run_dir, spec, resume, overwrite)
@@ -361,7 +361,7 @@ def train(
     random.seed(t.seed)
     np.random.seed(t.seed % 2**32)
     torch.manual_seed(t.seed)
-    student = build_model(spec.student.model, spec.student.kwargs, spec.student.weights)
+    student = build_model(given.student.model, given.student.kwargs, given.student.weights)
     example = next(batches(splits.val, 8))[0]
     method = METHODS.get(t.method)(spec)
     g = method.build(student, example)
