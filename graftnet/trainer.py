@@ -331,7 +331,7 @@ def train(
             :class:`TrainingError` if the loss stops being finite (the last good checkpoint is kept).
 
     Examples:
-        >>> r = train("specs/demo_knowledge_flow.yaml", "runs/kf")      # doctest: +SKIP
+        >>> r = train("specs/mnist1d_knowledge_flow.yaml", "runs/kf")   # doctest: +SKIP
         >>> r.test_error                                                 # doctest: +SKIP
     """
     spec = given = load_spec(spec)  # type: ignore[arg-type]
