@@ -112,6 +112,11 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{result.interrupted}: stopped at epoch {result.epochs}; the checkpoint is saved in {out}. "
               f"Continue with: graftnet train {args.spec} --out {out} --resume", file=sys.stderr)  # fmt: skip
         return 128 + int(signal.Signals[result.interrupted])
+    ban = out / "results.json"
+    if result.run_dir != out and ban.is_file():  # a ban run: one folder per generation
+        _print_ban(json.loads(ban.read_text()), out)
+        return 0
+    out = result.run_dir
     print(f"run {out}: {result.method}, {result.epochs} epochs in {result.seconds:.1f} s")
     if result.min_p_w_student is not None:
         forced = " — exported anyway (forced): the student alone loses what the teachers still gave" if (
@@ -120,6 +125,18 @@ def _train(args: argparse.Namespace) -> int:
     print(f"  exported student: {out / 'student.safetensors'}")
     print(f"  student alone: validation error {result.val_error:.2f}%, test error {result.test_error:.2f}%")
     return 0
+
+
+def _print_ban(results: dict[str, Any], out: Path) -> None:
+    print(f"born-again sequence in {out} ({results['treatment']}); errors (%) of each exported student alone:")
+    print("| generation | val error | test error |")
+    print("| --- | --- | --- |")
+    for g in results["generations"]:
+        print(f"| gen{g['generation']} | {g['val_error']:.2f} | {g['test_error']:.2f} |")
+    for e in results["ensembles"]:
+        members = "+".join(f"gen{k}" for k in e["members"])
+        print(f"| ensemble {members} | {e['val_error']:.2f} | {e['test_error']:.2f} |")
+    print(f"best generation by validation error: gen{results['best_generation_by_validation']}")
 
 
 def _plot(args: argparse.Namespace) -> None:

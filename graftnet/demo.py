@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from graftnet.data import Splits, make_splits
+from graftnet.data import Splits
 from graftnet.spec import Spec, load_spec
-from graftnet.trainer import RunResult, train
+from graftnet.trainer import RunResult, task_splits, train
 
 __all__ = ["DemoConfig", "MethodSummary", "demo"]
 
@@ -143,10 +143,7 @@ class _SplitCache:
         assert d is not None
         key = d.model_dump_json()
         if key not in self._cache:
-            self._cache[key] = make_splits(
-                d.dataset, d.kwargs, classes=d.classes, label_map=d.label_map, train_size=d.train_size,
-                val_size=d.val_size, augment=d.augment, shuffle_labels=d.shuffle_labels, seed=d.seed,
-            )  # fmt: skip
+            self._cache[key] = task_splits(spec)
         return self._cache[key]
 
 

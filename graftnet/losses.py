@@ -17,7 +17,17 @@ from torch.func import functional_call
 from graftnet.graft import GraftedModel
 from graftnet.mixer import Mixer
 
-__all__ = ["ParameterSnapshot", "kd_loss", "kl_to_old", "lambda1_at"]
+__all__ = [
+    "ParameterSnapshot",
+    "cwtm_loss",
+    "cwtm_weights",
+    "dkpp_targets",
+    "ensemble_probs",
+    "kd_loss",
+    "kl_to_old",
+    "lambda1_at",
+    "soft_cross_entropy",
+]
 
 
 def lambda1_at(progress: float, final: float, start: float, end: float, kind: str = "linear") -> float:
@@ -104,3 +114,49 @@ def kl_to_old(logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
     log_p = F.log_softmax(logits, dim=-1)
     log_q = F.log_softmax(old_logits.detach(), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+# ---- born-again networks (Furlanello et al. 2018) -------------------------------------------------------------
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """−Σ_i p_i log q_i averaged over the batch, q = softmax(logits): BAN's loss to the teacher's distribution p.
+
+    Its gradient with respect to the logits is (q − p) / batch (the paper's eq. 5).
+    """
+    return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def cwtm_weights(teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Confidence weighted by teacher max (eq. 10): max_i p_{i,s} / Σ_u max_i p_{i,u}, summing to 1 over the batch."""
+    top = teacher_probs.max(dim=-1).values
+    return top / top.sum()
+
+
+def cwtm_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The label cross-entropy with each sample weighted by :func:`cwtm_weights` (eq. 10)."""
+    per_sample = F.cross_entropy(logits, target, reduction="none")
+    return (cwtm_weights(teacher_probs.detach()) * per_sample).sum()
+
+
+def dkpp_targets(teacher_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dark knowledge with permuted predictions (eq. 11): each row keeps the teacher's argmax entry in place and
+    gets its other entries shuffled among the other positions, with a new permutation per sample.
+
+    The argmax is the teacher's, not the ground-truth class (FIELD-NOTES: a public DKPP gets this wrong).
+    """
+    b, n = teacher_probs.shape
+    top = teacher_probs.argmax(dim=-1, keepdim=True)
+    # Sorting puts the argmax first in both orders (key −1); the source order lists the other positions in
+    # index order, the destination order in a random one, so scatter(gather) is a per-row permutation.
+    src_keys = torch.arange(n, dtype=torch.float32, device=teacher_probs.device).expand(b, n).clone()
+    dst_keys = torch.rand(b, n, generator=generator, device=teacher_probs.device)
+    src_keys.scatter_(1, top, -1.0)
+    dst_keys.scatter_(1, top, -1.0)
+    src, dst = src_keys.argsort(dim=1), dst_keys.argsort(dim=1)
+    return torch.zeros_like(teacher_probs).scatter_(1, dst, teacher_probs.gather(1, src))
+
+
+def ensemble_probs(logits: list[torch.Tensor]) -> torch.Tensor:
+    """BAN ensembles (eq. 4): the mean of the members' predicted distributions."""
+    return torch.stack([F.softmax(z, dim=-1) for z in logits]).mean(0)

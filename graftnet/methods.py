@@ -1,4 +1,6 @@
-"""Training methods by name: ``scratch``, ``finetune``, ``kd`` and ``knowledge_flow`` (DESIGN.md §6).
+"""Training methods by name: ``scratch``, ``finetune``, ``kd``, ``knowledge_flow``, ``born_again`` (DESIGN.md §6).
+
+``ban`` — a sequence of born-again generations — is a sequence of runs of these, in :mod:`graftnet.ban`.
 
 A method decides what model trains and what its loss is; the trainer (:mod:`graftnet.trainer`) owns the
 loop, the data, checkpoints and logging, so every method gets the same data, student and budget. Every
@@ -18,12 +20,29 @@ from torch import nn
 
 from graftnet.errors import TrainingError
 from graftnet.graft import GraftedModel, graft
-from graftnet.losses import ParameterSnapshot, kd_loss, kl_to_old, lambda1_at
+from graftnet.losses import (
+    ParameterSnapshot,
+    cwtm_loss,
+    dkpp_targets,
+    kd_loss,
+    kl_to_old,
+    lambda1_at,
+    soft_cross_entropy,
+)
 from graftnet.models import build_model
 from graftnet.registry import Registry
 from graftnet.spec import Spec
 
-__all__ = ["METHODS", "Finetune", "KnowledgeDistillation", "KnowledgeFlow", "Method", "Scratch", "StepLoss"]
+__all__ = [
+    "METHODS",
+    "BornAgain",
+    "Finetune",
+    "KnowledgeDistillation",
+    "KnowledgeFlow",
+    "Method",
+    "Scratch",
+    "StepLoss",
+]
 
 
 def logits_of(out: Any) -> torch.Tensor:
@@ -229,3 +248,42 @@ class KnowledgeFlow(Method):
         cut = {k[len("p_w_at_cut.") :]: float(v) for k, v in tensors.items() if k.startswith("p_w_at_cut.")}
         if cut:
             self.dependence_at_cut = cut
+
+
+@METHODS.register("born_again")
+class BornAgain(Method):
+    """One born-again generation (Furlanello et al. 2018): learn from the teacher's output distribution.
+
+    Treatments: ``ban`` (teacher distribution only), ``ban_l`` (plus labels), ``cwtm`` (labels weighted by
+    the teacher's confidence, eq. 10), ``dkpp`` (teacher distribution with non-argmax entries permuted, eq. 11).
+    """
+
+    name = "born_again"
+
+    def build(self, student: nn.Module, example: torch.Tensor) -> GraftedModel:
+        assert self.train_spec.born_again is not None
+        self.settings = self.train_spec.born_again
+        self.teacher = _teacher(self.spec, self.settings.teacher)
+        return _plain(student, self.spec, example)
+
+    def loss(self, g: GraftedModel, x: torch.Tensor, y: torch.Tensor, progress: float) -> StepLoss:
+        logits = logits_of(g(x))
+        with torch.no_grad():
+            teacher_probs = F.softmax(logits_of(self.teacher(x)), dim=-1)
+        if teacher_probs.shape != logits.shape:
+            raise TrainingError(
+                f"train.born_again.teacher: the teacher outputs {tuple(teacher_probs.shape)} but the student "
+                f"{tuple(logits.shape)}; a born-again student needs its teacher's output space"
+            )
+        treatment = self.settings.treatment
+        if treatment == "cwtm":
+            total = cwtm_loss(logits, teacher_probs, y)
+        else:
+            target = dkpp_targets(teacher_probs) if treatment == "dkpp" else teacher_probs
+            total = soft_cross_entropy(logits, target)
+            if treatment == "ban_l":
+                total = total + self.settings.label_weight * F.cross_entropy(logits, y)
+        return StepLoss(total, {"task_loss": F.cross_entropy(logits.detach(), y), "kd_loss": total.detach()}, logits)
+
+    def to(self, device: torch.device) -> None:
+        self.teacher.to(device)

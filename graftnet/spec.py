@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from graftnet.errors import SpecError
 
 __all__ = [
+    "BANSpec",
+    "BornAgainSpec",
     "DataSpec",
     "FinetuneSpec",
     "InputStep",
@@ -193,10 +195,49 @@ class FinetuneSpec(_Strict):
     teacher: str = Field(description="The teacher (a key of 'teachers') to copy weights from.")
 
 
+Treatment = Literal["ban", "ban_l", "cwtm", "dkpp"]
+
+
+class BornAgainSpec(_Strict):
+    """One born-again generation: the student learns from a teacher's outputs (Furlanello et al. 2018).
+
+    ``ban``: cross-entropy to the teacher's distribution only; ``ban_l``: plus ``label_weight`` × the label
+    cross-entropy; ``cwtm``: the label cross-entropy with samples weighted by the teacher's max probability,
+    normalised over the batch (eq. 10); ``dkpp``: cross-entropy to the teacher's distribution with every
+    entry but its argmax permuted per sample (eq. 11).
+    """
+
+    teacher: str = Field(description="The teacher (a key of 'teachers'): the previous generation.")
+    treatment: Treatment = "ban"
+    label_weight: float = Field(1.0, ge=0.0, description="Weight of the label loss in ban_l.")
+
+
+class BANSpec(_Strict):
+    """A sequence of born-again generations: generation 0 trains normally, generation k learns from k − 1.
+
+    Every generation starts from a fresh random initialisation with its own seed (train.seed · 1000 + k).
+    """
+
+    generations: int = Field(3, ge=1, description="Students after generation 0.")
+    treatment: Treatment = "ban"
+    label_weight: float = Field(1.0, ge=0.0, description="Weight of the label loss in ban_l.")
+    teacher_model: ModelSpec | None = Field(
+        None, description="Generation 0's architecture when it differs from the student's (DenseNet → ResNet)."
+    )
+    knowledge_flow: bool = Field(
+        False, description="Born-again knowledge flow: graft generation k onto earlier ones at every matching "
+        "site (identity adapters), train with the dependency loss, detach; instead of distillation.",
+    )  # fmt: skip
+    flow_from: Literal["previous", "all"] = Field(
+        "previous", description="With knowledge_flow: graft the previous generation only, or every earlier one."
+    )
+    ensemble_with_teacher: bool = Field(False, description="Count generation 0 in the ensembles too.")
+
+
 class TrainSpec(_Strict):
     """How a student is trained: the method, the budget, the optimiser and the knowledge-flow schedule."""
 
-    method: Literal["scratch", "finetune", "kd", "knowledge_flow"] = "knowledge_flow"
+    method: Literal["scratch", "finetune", "kd", "knowledge_flow", "born_again", "ban"] = "knowledge_flow"
     epochs: int = Field(30, ge=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0.0, description="Learning rate of the student.")
@@ -226,6 +267,8 @@ class TrainSpec(_Strict):
     export_tol: float = Field(1e-3, gt=0.0, lt=1.0, description="Export refuses p_w(student) below 1 - tol.")
     kd: KDSpec | None = None
     finetune: FinetuneSpec | None = None
+    born_again: BornAgainSpec | None = None
+    ban: BANSpec | None = None
     label: str | None = Field(None, description="Name of the run in plots and tables (default: the folder name).")
 
 
@@ -274,7 +317,7 @@ class Spec(_Strict):
         train = self.train
         if train is None:
             return self
-        for method, section in (("kd", train.kd), ("finetune", train.finetune)):
+        for method, section in (("kd", train.kd), ("finetune", train.finetune), ("born_again", train.born_again)):
             if train.method == method and section is None:
                 raise ValueError(f"train.{method}: method {method!r} needs a train.{method} section naming its teacher")
             if section is not None and section.teacher not in self.teachers:

@@ -33,7 +33,7 @@ from graftnet.methods import METHODS, Method, logits_of
 from graftnet.models import build_model
 from graftnet.spec import Spec, load_spec
 
-__all__ = ["RunResult", "evaluate", "train"]
+__all__ = ["RunResult", "evaluate", "task_splits", "train"]
 
 STUDENT_NAME = "student.safetensors"
 RESULTS_NAME = "results.json"
@@ -277,6 +277,48 @@ def _p_w_row(g: GraftedModel, columns: list[str]) -> dict[str, float]:
 # ---- the loop -----------------------------------------------------------------------------------------------
 
 
+def task_splits(spec: Spec) -> Splits:
+    """The data of ``spec.data``, checked against the spec's ``input_shape``."""
+    d = spec.data
+    assert d is not None
+    splits = make_splits(
+        d.dataset, d.kwargs, classes=d.classes, label_map=d.label_map, train_size=d.train_size,
+        val_size=d.val_size, augment=d.augment, shuffle_labels=d.shuffle_labels, seed=d.seed,
+    )  # fmt: skip
+    if spec.input_shape is not None and tuple(spec.input_shape) != tuple(splits.input_shape):
+        raise SpecError(
+            f"input_shape: the spec says {list(spec.input_shape)} but {d.dataset} samples are "
+            f"{list(splits.input_shape)}; fix input_shape or drop it (it is taken from the data)"
+        )
+    return splits
+
+
+def _train_ban(
+    spec: Spec, run_dir: Path, resume: bool, overwrite: bool, splits: Splits | None, **kwargs: Any
+) -> RunResult:
+    """A ``ban`` run: a folder of generation runs (see :mod:`graftnet.ban`)."""
+    from graftnet.ban import train_ban
+
+    saved = run_dir / "spec.json"
+    if resume:
+        if not saved.is_file():
+            raise TrainingError(f"--resume: {str(saved)!r} does not exist; nothing to resume (drop --resume to start)")
+        if spec_hash(load_spec(json.loads(saved.read_text()))) != spec_hash(spec):
+            raise TrainingError(
+                f"--resume: the spec differs from the one {str(run_dir)!r} was started with ({saved}); "
+                "resume with the same spec, or start a new run folder"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise TrainingError(
+            f"run folder {str(run_dir)!r} is not empty; pass --resume to continue it or --overwrite to start over"
+        )
+    splits = splits or task_splits(spec)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    result: RunResult = train_ban(spec, run_dir, splits, resume=resume, **kwargs)
+    return result
+
+
 def _check_run_dir(run_dir: Path, spec: Spec, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """The saved checkpoint to resume from, or None for a fresh start; refuses to clobber a run by accident."""
     ckpt = run_dir / CHECKPOINT_NAME
@@ -341,20 +383,14 @@ def train(
     assert given.student is not None and spec.data is not None and spec.train is not None
     t, d = spec.train, spec.data
     run_dir = Path(run_dir)
+    if t.method == "ban":
+        return _train_ban(spec, run_dir, resume, overwrite, splits, progress=progress, tensorboard=tensorboard,
+                          on_step=on_step)  # fmt: skip
     saved = _check_run_dir(run_dir, spec, resume, overwrite)
     device = _device(t.device)
 
     # Everything that can fail on bad input happens here, before the first step.
-    if splits is None:
-        splits = make_splits(
-            d.dataset, d.kwargs, classes=d.classes, label_map=d.label_map, train_size=d.train_size,
-            val_size=d.val_size, augment=d.augment, shuffle_labels=d.shuffle_labels, seed=d.seed,
-        )  # fmt: skip
-    if spec.input_shape is not None and tuple(spec.input_shape) != tuple(splits.input_shape):
-        raise SpecError(
-            f"input_shape: the spec says {list(spec.input_shape)} but {d.dataset} samples are "
-            f"{list(splits.input_shape)}; fix input_shape or drop it (it is taken from the data)"
-        )
+    splits = splits or task_splits(spec)
     spec = spec.model_copy(update={"input_shape": list(splits.input_shape)})
     if t.threads is not None:
         torch.set_num_threads(t.threads)
