@@ -17,9 +17,20 @@ from graftnet.errors import ModelSourceError
 from graftnet.models.a3c import A3CNet, a3c, a3c_minatar
 from graftnet.models.convnets import Convnet, cnn1d, convnet, densenet_cifar
 from graftnet.models.mlp import MLP, mlp
+from graftnet.models.wide_resnet import WideResNet, wide_resnet_cifar
 from graftnet.registry import Registry
 
-__all__ = ["A3CNet", "Convnet", "MLP", "MODELS", "MODEL_SOURCES", "build_model", "load_weights", "register_model"]
+__all__ = [
+    "A3CNet",
+    "Convnet",
+    "MLP",
+    "MODELS",
+    "MODEL_SOURCES",
+    "WideResNet",
+    "build_model",
+    "load_weights",
+    "register_model",
+]
 
 ModelFactory = Callable[..., nn.Module]
 MODEL_SOURCES: Registry[Callable[[str, dict[str, Any]], nn.Module]] = Registry("model source", ModelSourceError)
@@ -30,6 +41,7 @@ MODELS.add("mlp", mlp)
 MODELS.add("cnn1d", cnn1d)
 MODELS.add("convnet", convnet)
 MODELS.add("densenet_cifar", densenet_cifar)
+MODELS.add("wide_resnet_cifar", wide_resnet_cifar)
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
