@@ -114,10 +114,16 @@ def test_bundled_specs_resolve_with_random_weights(path: Path) -> None:
     g = graftnet.graft(None, None, spec)
     assert set(g.p_w()) == {s.name for s in g.plan.sites}
     if spec.train is not None:  # a training spec: its dataset and method exist, its student fits the data
-        assert spec.data is not None and spec.data.dataset in DATASETS and spec.train.method in METHODS
+        assert spec.data is not None and spec.data.dataset in DATASETS
+        assert spec.train.method in METHODS or spec.train.method == "ban"  # ban runs a sequence of methods
         with torch.no_grad():
             out = g.eval()(torch.randn(2, *spec.input_shape or []))
         classes = len(spec.data.classes) if spec.data.classes else {"cifar100": 100, "emnist_letters": 26}.get(
             spec.data.dataset, 10
         )
         assert out.shape == (2, classes)
+        ban = spec.train.ban
+        if ban is not None and ban.teacher_model is not None:  # a born-again generation 0 of another architecture
+            gen0 = graftnet.build_model(ban.teacher_model.model, ban.teacher_model.kwargs).eval()
+            with torch.no_grad():
+                assert gen0(torch.randn(2, *spec.input_shape or [])).shape == (2, classes)
