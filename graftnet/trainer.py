@@ -299,45 +299,34 @@ def _train_ban(
     """A ``ban`` run: a folder of generation runs (see :mod:`graftnet.ban`)."""
     from graftnet.ban import train_ban
 
-    saved = run_dir / "spec.json"
-    if resume:
-        if not saved.is_file():
-            raise TrainingError(f"--resume: {str(saved)!r} does not exist; nothing to resume (drop --resume to start)")
-        if spec_hash(load_spec(json.loads(saved.read_text()))) != spec_hash(spec):
-            raise TrainingError(
-                f"--resume: the spec differs from the one {str(run_dir)!r} was started with ({saved}); "
-                "resume with the same spec, or start a new run folder"
-            )
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise TrainingError(
-            f"run folder {str(run_dir)!r} is not empty; pass --resume to continue it or --overwrite to start over"
-        )
+    _check_run_dir(run_dir, spec, resume, overwrite, "spec.json")
     splits = splits or task_splits(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    (run_dir / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     result: RunResult = train_ban(spec, run_dir, splits, resume=resume, **kwargs)
     return result
 
 
-def _check_run_dir(run_dir: Path, spec: Spec, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """The saved checkpoint to resume from, or None for a fresh start; refuses to clobber a run by accident."""
-    ckpt = run_dir / CHECKPOINT_NAME
+def _check_run_dir(run_dir: Path, spec: Spec, resume: bool, overwrite: bool, marker: str) -> bool:
+    """Whether to resume the run in ``run_dir`` (whose ``marker`` file must exist, and whose spec must be
+    ``spec``); refuses to clobber a run by accident."""
     if resume:
-        if not ckpt.is_file():
-            raise TrainingError(f"--resume: {str(ckpt)!r} does not exist; nothing to resume (drop --resume to start)")
-        saved = json.loads((run_dir / "spec.json").read_text())
-        if spec_hash(load_spec(saved)) != spec_hash(spec):
+        if not (run_dir / marker).is_file():
             raise TrainingError(
-                f"--resume: the spec differs from the one {str(run_dir)!r} was started with ({run_dir / 'spec.json'}); "
+                f"--resume: {str(run_dir / marker)!r} does not exist; nothing to resume (drop --resume to start)"
+            )
+        saved = run_dir / "spec.json"
+        if not saved.is_file() or spec_hash(load_spec(json.loads(saved.read_text()))) != spec_hash(spec):
+            raise TrainingError(
+                f"--resume: the spec differs from the one {str(run_dir)!r} was started with ({saved}); "
                 "resume with the same spec, or start a new run folder"
             )
-        tensors, meta = read_checkpoint(ckpt)
-        return {"tensors": tensors, "meta": meta}
+        return True
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise TrainingError(
             f"run folder {str(run_dir)!r} is not empty; pass --resume to continue it or --overwrite to start over"
         )
-    return None
+    return False
 
 
 def train(
@@ -386,7 +375,10 @@ def train(
     if t.method == "ban":
         return _train_ban(spec, run_dir, resume, overwrite, splits, progress=progress, tensorboard=tensorboard,
                           on_step=on_step)  # fmt: skip
-    saved = _check_run_dir(run_dir, spec, resume, overwrite)
+    saved = None
+    if _check_run_dir(run_dir, spec, resume, overwrite, CHECKPOINT_NAME):
+        tensors, meta = read_checkpoint(run_dir / CHECKPOINT_NAME)
+        saved = {"tensors": tensors, "meta": meta}
     device = _device(t.device)
 
     # Everything that can fail on bad input happens here, before the first step.
