@@ -24,10 +24,12 @@ from graftnet.trainer import task_splits, train
 STUDENT = {"model": "graftnet:cnn1d", "kwargs": {"num_classes": 10, "channels": [32, 32, 32]}}
 DATA = {"dataset": "mnist1d", "kwargs": {"samples": 5000}, "val_size": 500, "batch_size": 64}
 LRS = (1e-3, 3e-3, 1e-2)
+LAMBDA1 = (10.0, 100.0)  # born-again knowledge flow's dependency weight, chosen on validation too
 
 
-def spec(method: str, lr: float, seed: int, **ban: Any) -> dict[str, Any]:
+def spec(method: str, lr: float, seed: int, lambda1: float = 10.0, **ban: Any) -> dict[str, Any]:
     train_section = {"method": method, "epochs": 30, "lr": lr, "seed": seed, "threads": 1}
+    train_section["lambda1"] = {"final": lambda1}
     if method == "ban":
         train_section["ban"] = ban
     return {"student": STUDENT, "data": DATA, "train": train_section}
@@ -53,6 +55,13 @@ def main() -> None:
     val = {lr: run(spec("scratch", lr, 0), out / f"select_lr{lr:g}")["val"] for lr in LRS}
     lr = min(val, key=val.__getitem__)
     print(f"  validation error by lr: {val}; chosen lr = {lr:g}")
+    print("choosing born-again knowledge flow's lambda1 on validation (seed 0, generation 1)")
+    kf_val = {}
+    for l1 in LAMBDA1:
+        r = run(spec("ban", lr, 0, l1, generations=1, knowledge_flow=True), out / f"select_l1_{l1:g}")
+        kf_val[l1] = r["generations"][1]["val_error"]
+    lambda1 = min(kf_val, key=kf_val.__getitem__)
+    print(f"  validation error by lambda1: {kf_val}; chosen lambda1 = {lambda1:g}")
 
     rows: dict[str, list[float]] = {}
     val_rows: dict[str, list[float]] = {}
@@ -75,14 +84,15 @@ def main() -> None:
             else:
                 label = {"ban_l": "BAN+L", "cwtm": "CWTM", "dkpp": "DKPP"}[treatment]
                 add(f"{label} generation 1", gens[1]["test_error"], gens[1]["val_error"])
-        r = run(spec("ban", lr, seed, generations=3, knowledge_flow=True), out / f"bakf_s{seed}")
+        r = run(spec("ban", lr, seed, lambda1, generations=3, knowledge_flow=True), out / f"bakf_s{seed}")
         for g in r["generations"][1:]:
             add(f"born-again knowledge flow, generation {g['generation']}", g["test_error"], g["val_error"])
         for e in r["ensembles"]:
             add(f"born-again KF ensemble of generations 1-{e['members'][-1]}", e["test_error"], e["val_error"])
 
     lines = [
-        f"MNIST-1D (10 classes, 3500 training samples), cnn1d, lr {lr:g} chosen on validation; "
+        f"MNIST-1D (10 classes, 3500 training samples), cnn1d, lr {lr:g} and born-again knowledge flow's "
+        f"lambda1 {lambda1:g} chosen on validation; "
         f"test error (%) mean ± std over {args.seeds} seeds:",
         "",
         "| model | test error | val error |",
