@@ -457,7 +457,7 @@ def train(
                         group["lr"] = base * _lr_factor(t.schedule, progress_now)
                     result = method.loss(g, x, y, progress_now)
                     if not torch.isfinite(result.total):
-                        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in result.parts.items())
+                        parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in result.parts.items())
                         raise TrainingError(
                             f"the loss is not finite at epoch {epoch + 1}, step {step + 1} ({parts}); training "
                             f"stopped. The last good checkpoint is {str(ckpt)!r}"
