@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -108,6 +109,8 @@ def _train(args: argparse.Namespace) -> int:
     spec = _with_overrides(args.spec, args.set)
     result = train(spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                    tensorboard=not args.no_tensorboard)  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for every process
+        return 128 + int(signal.Signals[result.interrupted]) if result.interrupted else 0
     if result.interrupted:
         print(f"{result.interrupted}: stopped at epoch {result.epochs}; the checkpoint is saved in {out}. "
               f"Continue with: graftnet train {args.spec} --out {out} --resume", file=sys.stderr)  # fmt: skip

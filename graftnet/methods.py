@@ -94,8 +94,11 @@ class Method:
     def build(self, student: nn.Module, example: torch.Tensor) -> GraftedModel:
         return _plain(student, self.spec, example)
 
-    def loss(self, g: GraftedModel, x: torch.Tensor, y: torch.Tensor, progress: float) -> StepLoss:
-        logits = logits_of(g(x))
+    def loss(
+        self, g: GraftedModel, x: torch.Tensor, y: torch.Tensor, progress: float, forward: nn.Module | None = None
+    ) -> StepLoss:
+        """The batch's loss. ``forward`` runs the model (``g`` itself, or ``g`` in DistributedDataParallel)."""
+        logits = logits_of((forward or g)(x))
         task = F.cross_entropy(logits, y)
         return StepLoss(task, {"task_loss": task}, logits)
 
@@ -176,8 +179,10 @@ class KnowledgeDistillation(Method):
             )
         return g
 
-    def loss(self, g: GraftedModel, x: torch.Tensor, y: torch.Tensor, progress: float) -> StepLoss:
-        logits = logits_of(g(x))
+    def loss(
+        self, g: GraftedModel, x: torch.Tensor, y: torch.Tensor, progress: float, forward: nn.Module | None = None
+    ) -> StepLoss:
+        logits = logits_of((forward or g)(x))
         with torch.no_grad():
             teacher_logits = logits_of(self.teacher(x))
         total = kd_loss(logits, teacher_logits, y, self.kd.temperature, self.kd.alpha)
@@ -208,10 +213,12 @@ class KnowledgeFlow(Method):
         l1 = self.train_spec.lambda1
         return lambda1_at(progress, l1.final, l1.start, l1.end, l1.kind)
 
-    def loss(self, g: GraftedModel, x: torch.Tensor, y: torch.Tensor, progress: float) -> StepLoss:
+    def loss(
+        self, g: GraftedModel, x: torch.Tensor, y: torch.Tensor, progress: float, forward: nn.Module | None = None
+    ) -> StepLoss:
         rng = torch.get_rng_state() if self.snapshot is not None else None
         with g.reusing_teacher_features():
-            logits = logits_of(g(x))
+            logits = logits_of((forward or g)(x))
             task = F.cross_entropy(logits, y)
             parts = {"task_loss": task}
             total = task
@@ -266,8 +273,10 @@ class BornAgain(Method):
         self.teacher = _teacher(self.spec, self.settings.teacher)
         return _plain(student, self.spec, example)
 
-    def loss(self, g: GraftedModel, x: torch.Tensor, y: torch.Tensor, progress: float) -> StepLoss:
-        logits = logits_of(g(x))
+    def loss(
+        self, g: GraftedModel, x: torch.Tensor, y: torch.Tensor, progress: float, forward: nn.Module | None = None
+    ) -> StepLoss:
+        logits = logits_of((forward or g)(x))
         with torch.no_grad():
             teacher_probs = F.softmax(logits_of(self.teacher(x)), dim=-1)
         if teacher_probs.shape != logits.shape:

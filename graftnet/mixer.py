@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = ["Mixer", "initial_logits"]
@@ -82,9 +83,14 @@ class Mixer(nn.Module):
     @torch.no_grad()
     def _calibrate(self, taps: Sequence[torch.Tensor]) -> None:
         n = int(self.calibrated_batches)
-        for i, t in enumerate(taps):
+        batch = torch.stack([t.detach().abs().mean().to(self.tap_scale.dtype) for t in taps])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # data-parallel: the mean over the global batch, so every process keeps the same scales
+            dist.all_reduce(batch)
+            batch /= dist.get_world_size()
+        for i in range(len(taps)):
             seen = 1.0 / self.tap_scale[i] if n else torch.zeros_like(self.tap_scale[i])
-            mean_abs = (seen * n + t.detach().abs().mean().to(seen)) / (n + 1)
+            mean_abs = (seen * n + batch[i]) / (n + 1)
             self.tap_scale[i] = 1.0 / mean_abs.clamp_min(1e-6)
         self.calibrated_batches += 1
         self._calibrating = n + 1 < self.calibration_batches

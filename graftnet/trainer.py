@@ -27,6 +27,7 @@ from torch import nn
 from graftnet.checkpoint import CHECKPOINT_NAME, TRAIN_STATE, export, read_checkpoint, save_checkpoint, spec_hash
 from graftnet.data import Splits, batches, make_splits
 from graftnet.detach import detach, student_dependence
+from graftnet.distributed import World, setup, wrap
 from graftnet.errors import SpecError, TrainingError
 from graftnet.graft import GraftedModel
 from graftnet.methods import METHODS, Method, logits_of
@@ -42,6 +43,7 @@ METRIC_COLUMNS = [
     "train_acc", "val_loss", "val_acc", "teachers_cut", "seconds",
 ]  # fmt: skip
 _LOSS_PARTS = ("loss", "task_loss", "dep_loss", "kl_loss", "kd_loss")
+_SUMS = ("n", "correct", *_LOSS_PARTS)  # what an epoch's metrics add up over batches (and processes)
 _STATE = TRAIN_STATE
 
 
@@ -370,16 +372,33 @@ def train(
         if getattr(spec, section) is None:
             raise SpecError(f"{section}: graftnet train needs a '{section}' section in the spec")
     assert given.student is not None and spec.data is not None and spec.train is not None
-    t, d = spec.train, spec.data
+    t = spec.train
     run_dir = Path(run_dir)
     if t.method == "ban":
         return _train_ban(spec, run_dir, resume, overwrite, splits, progress=progress, tensorboard=tensorboard,
                           on_step=on_step)  # fmt: skip
+    device = _device(t.device)
+    world = setup(device.type)
+    if world.size > 1 and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    try:
+        return _train(spec, given, run_dir, resume, overwrite, progress, tensorboard, on_step, splits, device, world)
+    finally:
+        world.close()
+
+
+def _train(
+    spec: Spec, given: Spec, run_dir: Path, resume: bool, overwrite: bool, progress: bool, tensorboard: bool,
+    on_step: Callable[[int], None] | None, splits: Splits | None, device: torch.device, world: World,
+) -> RunResult:  # fmt: skip
+    """:func:`train` for one method in one run folder, in this process of ``world``."""
+    assert given.student is not None and spec.data is not None and spec.train is not None
+    t, d = spec.train, spec.data
     saved = None
     if _check_run_dir(run_dir, spec, resume, overwrite, CHECKPOINT_NAME):
         tensors, meta = read_checkpoint(run_dir / CHECKPOINT_NAME)
         saved = {"tensors": tensors, "meta": meta}
-    device = _device(t.device)
+    world.barrier()  # every process has checked the run folder before rank 0 writes into it
 
     # Everything that can fail on bad input happens here, before the first step.
     splits = splits or task_splits(spec)
@@ -417,26 +436,42 @@ def train(
         g.load_state_dict({k: v for k, v in saved["tensors"].items() if not k.startswith(_STATE)}, strict=False)
         _unpack(saved["tensors"], meta, optimizer, method)
         epoch, batch_in_epoch, step = meta["epoch"], meta["batch"], meta["step"]
-        sums, seconds = meta["sums"], meta["seconds"]
+        sums, seconds = (meta["sums"] if world.main else {}), meta["seconds"]  # the saved sums are global
         if meta.get("finished"):
-            return _finish(g, spec, splits, run_dir, device, epoch, seconds, t.method, method.dependence_at_cut)
-    else:
+            return _finish(g, spec, splits, run_dir, device, epoch, seconds, t.method, method.dependence_at_cut, world)
+    elif world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in (CHECKPOINT_NAME, STUDENT_NAME, RESULTS_NAME):
             (run_dir / name).unlink(missing_ok=True)
         (run_dir / "spec.json").write_text(json.dumps(given.model_dump(mode="json"), indent=2))
         label = t.label or run_dir.name
         (run_dir / "run.json").write_text(json.dumps({"method": t.method, "label": label, "seed": t.seed}, indent=2))
-    metrics = _Metrics(run_dir, METRIC_COLUMNS + p_w_columns, epoch if saved is not None else None, tensorboard)
+    if world.size > 1:  # same weights everywhere (DDP broadcasts them too), but each process its own randomness
+        torch.manual_seed(int(torch.randint(2**62, (1,))) + world.rank)
+    world.barrier()
+    metrics = None
+    if world.main:
+        metrics = _Metrics(run_dir, METRIC_COLUMNS + p_w_columns, epoch if saved is not None else None, tensorboard)
     ckpt = run_dir / CHECKPOINT_NAME
     flag = _StopFlag()
+    forward = wrap(g, world, device)
+
+    def save(finished: bool = False) -> None:
+        """Rank 0 writes the checkpoint (with the epoch's metric sums over every process); all wait for it."""
+        state_now = {**state(finished), "sums": world.sum(sums, _SUMS)}
+        if world.main:
+            _save_run_checkpoint(g, ckpt, optimizer, method, state_now)
+        world.barrier()
+
+    def stopped() -> RunResult:
+        return RunResult(run_dir, t.method, epoch, None, None, None, False, flag.signal or "SIGTERM", seconds)
 
     def state(finished: bool = False) -> dict[str, Any]:
         return {"epoch": epoch, "batch": batch_in_epoch, "step": step, "sums": sums, "seconds": seconds,
                 "teachers_cut": method.cut, "finished": finished}  # fmt: skip
 
     bar = None
-    if progress:
+    if progress and world.main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc=f"{t.method} {run_dir.name}", unit="step", leave=False)
@@ -447,16 +482,18 @@ def train(
                 cut = method.maybe_cut(g, epoch / t.epochs, example.to(device))
                 if cut is not None:
                     g = cut.train().to(device)
+                    forward = wrap(g, world, device)
                 generator = torch.Generator().manual_seed(t.seed * 1_000_003 + epoch)
                 data = batches(splits.train, d.batch_size, shuffle=True, generator=generator, skip=batch_in_epoch,
-                               train=True, num_workers=d.num_workers)  # fmt: skip
+                               train=True, num_workers=d.num_workers, shard=(world.rank, world.size))  # fmt: skip
                 for x, y in data:
                     x, y = x.to(device), y.to(device)
                     progress_now = step / total_steps
                     for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                         group["lr"] = base * _lr_factor(t.schedule, progress_now)
-                    result = method.loss(g, x, y, progress_now)
-                    if not torch.isfinite(result.total):
+                    result = method.loss(g, x, y, progress_now, forward)
+                    # every process takes the same branch: a bad loss anywhere stops them all
+                    if world.any(not bool(torch.isfinite(result.total)))[0]:
                         parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in result.parts.items())
                         raise TrainingError(
                             f"the loss is not finite at epoch {epoch + 1}, step {step + 1} ({parts}); training "
@@ -482,43 +519,49 @@ def train(
                         bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{acc:.3f}")
                     if on_step is not None:
                         on_step(step)
-                    if flag.signal is not None:
+                    if world.any(flag.signal is not None)[0]:  # a signal to any process stops them all
                         seconds += time.perf_counter() - started
-                        _save_run_checkpoint(g, ckpt, optimizer, method, state())
-                        return RunResult(run_dir, t.method, epoch, None, None, None, False, flag.signal, seconds)
-                val_loss, val_acc = evaluate(g, splits.val, d.eval_batch_size, device)
+                        save()
+                        return stopped()
+                val_loss, val_acc = evaluate(g, splits.val, d.eval_batch_size, device) if world.main else (0.0, 0.0)
                 seconds += time.perf_counter() - started
                 epoch += 1
-                n_seen = max(sums.get("n", 0), 1)
+                totals = world.sum(sums, _SUMS)
+                n_seen = max(totals.get("n", 0), 1)
                 row: dict[str, Any] = {
                     "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
                 "lambda1": method.lambda1(step / total_steps),
-                    "train_acc": sums.get("correct", 0) / n_seen, "val_loss": val_loss, "val_acc": val_acc,
+                    "train_acc": totals.get("correct", 0) / n_seen, "val_loss": val_loss, "val_acc": val_acc,
                     "teachers_cut": int(method.cut), "seconds": seconds,
-                    **{k: (sums[k] / n_seen if k in sums else None) for k in _LOSS_PARTS},
+                    **{k: (totals[k] / n_seen if k in totals else None) for k in _LOSS_PARTS},
                     **_p_w_row(g, p_w_columns),
                 }  # fmt: skip
-                metrics.write(row)
+                if metrics is not None:
+                    metrics.write(row)
                 batch_in_epoch, sums = 0, {}
-                _save_run_checkpoint(g, ckpt, optimizer, method, state(finished=epoch == t.epochs))
-                if flag.signal is not None:
-                    return RunResult(run_dir, t.method, epoch, None, None, None, False, flag.signal, seconds)
+                save(finished=epoch == t.epochs)
+                if world.any(flag.signal is not None)[0]:
+                    return stopped()
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         if bar is not None:
             bar.close()
-    return _finish(g, spec, splits, run_dir, device, epoch, seconds, t.method, method.dependence_at_cut)
+    return _finish(g, spec, splits, run_dir, device, epoch, seconds, t.method, method.dependence_at_cut, world)
 
 
 def _finish(
     g: GraftedModel, spec: Spec, splits: Splits, run_dir: Path, device: torch.device, epochs: int, seconds: float,
-    method: str, dependence_at_cut: dict[str, float],
+    method: str, dependence_at_cut: dict[str, float], world: World,
 ) -> RunResult:  # fmt: skip
     """Export the student (forced, and said so, if it still leans on its teachers) and evaluate it alone.
 
     After a teacher cut the model has no mixers left; the p_w(student) reported is then the one at the cut.
     """
     assert spec.train is not None and spec.data is not None
+    if not world.main:  # rank 0 exports and evaluates; the others wait for it
+        world.barrier()
+        return RunResult(run_dir, method, epochs, None, None, None, False, seconds=seconds)
     dependence = student_dependence(g) or dependence_at_cut
     low = min(dependence.values(), default=1.0)
     forced = low < 1.0 - spec.train.export_tol
@@ -533,5 +576,6 @@ def _finish(
     )  # fmt: skip
     payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     (run_dir / RESULTS_NAME).write_text(json.dumps(payload, indent=2))
+    world.barrier()
     return result
 

@@ -214,29 +214,31 @@ def batches(
     skip: int = 0,
     train: bool = False,
     num_workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``(x, y)``: shuffled with ``generator``, the first ``skip`` batches left out (for resuming).
+
+    ``batch_size`` is the global batch. With ``shard=(rank, world)`` each process takes every ``world``-th
+    sample of each global batch, starting at ``rank`` — the distributed sampler of data-parallel training:
+    the processes together see exactly the batches one process would, so the step is the same.
 
     In-memory :class:`TensorData` is sliced directly and augmented per batch when ``train`` is set;
     other datasets go through a ``DataLoader`` over the remaining indices, so skipped batches are never loaded.
     """
+    rank, world = shard
     n = len(dataset)  # type: ignore[arg-type]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     order = order[skip * batch_size :]
+    local = [order[start : start + batch_size][rank::world] for start in range(0, len(order), batch_size)]
     if isinstance(dataset, TensorData):
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in local:
             x = dataset.x[idx]
             if train and dataset.augment is not None:
                 x = dataset.augment(x)
             yield x, dataset.y[idx]
         return
     loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=order.tolist(),
-        num_workers=num_workers,
-        generator=generator,
+        dataset, batch_sampler=[idx.tolist() for idx in local], num_workers=num_workers, generator=generator
     )
     yield from loader
 
