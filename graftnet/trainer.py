@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -375,6 +376,11 @@ def train(
     t = spec.train
     run_dir = Path(run_dir)
     if t.method == "ban":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise TrainingError(
+                "train.method 'ban' does not run under torchrun yet; train its generations with several processes "
+                "one by one (method born_again), or run the sequence in one process"
+            )
         return _train_ban(spec, run_dir, resume, overwrite, splits, progress=progress, tensorboard=tensorboard,
                           on_step=on_step)  # fmt: skip
     device = _device(t.device)
