@@ -18,11 +18,10 @@ from typing import Any
 import torch
 
 from graftnet.checkpoint import spec_hash
-from graftnet.data import Splits, batches
+from graftnet.data import Splits
 from graftnet.errors import TrainingError
 from graftnet.graft import sites
 from graftnet.losses import ensemble_probs
-from graftnet.methods import logits_of
 from graftnet.models import build_model
 from graftnet.spec import BANSpec, ModelSpec, Spec, load_spec
 
@@ -92,21 +91,14 @@ class EnsembleResult:
     test_error: float
 
 
-@torch.no_grad()
-def _logits(model: torch.nn.Module, data: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    model.eval()
-    outs, labels = [], []
-    for x, y in batches(data, batch_size):
-        outs.append(logits_of(model(x)))
-        labels.append(y)
-    return torch.cat(outs), torch.cat(labels)
-
-
 def ensemble_errors(
     members: dict[int, torch.nn.Module], groups: list[tuple[int, ...]], splits: Splits, batch_size: int = 512
 ) -> list[EnsembleResult]:
     """Val and test error of each group's ensemble: every sample scored by the mean of the members' softmax."""
-    cached = {k: {name: _logits(m, getattr(splits, name), batch_size) for name in ("val", "test")}
+    from graftnet.trainer import predict
+
+    cpu = torch.device("cpu")
+    cached = {k: {name: predict(m, getattr(splits, name), batch_size, cpu) for name in ("val", "test")}
               for k, m in members.items()}  # fmt: skip
     results = []
     for group in groups:

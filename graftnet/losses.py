@@ -15,7 +15,6 @@ from torch import nn
 from torch.func import functional_call
 
 from graftnet.graft import GraftedModel
-from graftnet.mixer import Mixer
 
 __all__ = [
     "ParameterSnapshot",
@@ -95,9 +94,8 @@ class ParameterSnapshot:
             if rng_state is not None:
                 torch.set_rng_state(rng_state)
             out = functional_call(model, state, (x,), strict=False)
-        for mixer in model.modules():
-            if isinstance(mixer, Mixer):
-                mixer.refresh()  # the pass above calibrated on copies: re-read the real buffers
+        for mixer in model.mixers.values():
+            mixer.refresh()  # the pass above calibrated on copies: re-read the real buffers
         return out  # type: ignore[no-any-return]
 
     def state(self) -> Mapping[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from graftnet.methods import METHODS, Method, logits_of
 from graftnet.models import build_model
 from graftnet.spec import Spec, load_spec
 
-__all__ = ["RunResult", "evaluate", "task_splits", "train"]
+__all__ = ["RunResult", "evaluate", "predict", "task_splits", "train"]
 
 STUDENT_NAME = "student.safetensors"
 RESULTS_NAME = "results.json"
@@ -64,19 +64,23 @@ class RunResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Any, batch_size: int, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``data`` in eval mode (the mode is restored)."""
+def predict(model: nn.Module, data: Any, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s class scores for every sample of ``data``, in eval mode (the mode is restored), and the labels."""
     was = model.training
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
+    outs, labels = [], []
     for x, y in batches(data, batch_size):
-        x, y = x.to(device), y.to(device)
-        logits = logits_of(model(x))
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-        n += len(y)
+        outs.append(logits_of(model(x.to(device))).cpu())
+        labels.append(y)
     model.train(was)
-    return loss_sum / max(n, 1), correct / max(n, 1)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, data: Any, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data``, per sample."""
+    logits, labels = predict(model, data, batch_size, device)
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    return loss, float((logits.argmax(-1) == labels).float().mean())
 
 
 def _device(name: str) -> torch.device:
@@ -464,17 +468,14 @@ def _train(
 
     def save(finished: bool = False) -> None:
         """Rank 0 writes the checkpoint (with the epoch's metric sums over every process); all wait for it."""
-        state_now = {**state(finished), "sums": world.sum(sums, _SUMS)}
+        state_now = {"epoch": epoch, "batch": batch_in_epoch, "step": step, "sums": world.sum(sums, _SUMS),
+                     "seconds": seconds, "teachers_cut": method.cut, "finished": finished}  # fmt: skip
         if world.main:
             _save_run_checkpoint(g, ckpt, optimizer, method, state_now)
         world.barrier()
 
     def stopped() -> RunResult:
         return RunResult(run_dir, t.method, epoch, None, None, None, False, flag.signal or "SIGTERM", seconds)
-
-    def state(finished: bool = False) -> dict[str, Any]:
-        return {"epoch": epoch, "batch": batch_in_epoch, "step": step, "sums": sums, "seconds": seconds,
-                "teachers_cut": method.cut, "finished": finished}  # fmt: skip
 
     bar = None
     if progress and world.main:
@@ -498,9 +499,15 @@ def _train(
                     for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                         group["lr"] = base * _lr_factor(t.schedule, progress_now)
                     result = method.loss(g, x, y, progress_now, forward)
+                    # one device-to-host copy per step for the finiteness check and every logged number
+                    named = {"loss": result.total, **result.parts}
+                    correct = (result.logits.detach().argmax(-1) == y).sum()
+                    host = torch.stack([*(v.detach().float() for v in named.values()), correct.float()]).tolist()
+                    *values, n_correct = host
+                    values_now = dict(zip(named, values, strict=True))
                     # every process takes the same branch: a bad loss anywhere stops them all
-                    if world.any(not bool(torch.isfinite(result.total)))[0]:
-                        parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in result.parts.items())
+                    if world.any(not math.isfinite(values_now["loss"]))[0]:
+                        parts = ", ".join(f"{k}={v:.4g}" for k, v in values_now.items() if k != "loss")
                         raise TrainingError(
                             f"the loss is not finite at epoch {epoch + 1}, step {step + 1} ({parts}); training "
                             f"stopped. The last good checkpoint is {str(ckpt)!r}"
@@ -515,10 +522,9 @@ def _train(
                     batch_in_epoch += 1
                     n = len(y)
                     sums["n"] = sums.get("n", 0) + n
-                    sums["correct"] = sums.get("correct", 0) + int((result.logits.argmax(-1) == y).sum())
-                    sums["loss"] = sums.get("loss", 0.0) + float(result.total.detach()) * n
-                    for k, v in result.parts.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+                    sums["correct"] = sums.get("correct", 0) + int(n_correct)
+                    for k, v in values_now.items():
+                        sums[k] = sums.get(k, 0.0) + v * n
                     if bar is not None:
                         bar.update(1)
                         mean_loss, acc = sums["loss"] / sums["n"], sums["correct"] / sums["n"]
@@ -536,7 +542,7 @@ def _train(
                 n_seen = max(totals.get("n", 0), 1)
                 row: dict[str, Any] = {
                     "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                "lambda1": method.lambda1(step / total_steps),
+                    "lambda1": method.lambda1(step / total_steps),
                     "train_acc": totals.get("correct", 0) / n_seen, "val_loss": val_loss, "val_acc": val_acc,
                     "teachers_cut": int(method.cut), "seconds": seconds,
                     **{k: (totals[k] / n_seen if k in totals else None) for k in _LOSS_PARTS},
