@@ -7,6 +7,7 @@ it reads.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Mapping
 
 import torch
@@ -18,6 +19,7 @@ from graftnet.graft import GraftedModel
 
 __all__ = [
     "ParameterSnapshot",
+    "RngState",
     "cwtm_loss",
     "cwtm_weights",
     "dkpp_targets",
@@ -64,6 +66,23 @@ def kd_loss(
     return alpha * temperature**2 * soft + (1.0 - alpha) * F.cross_entropy(student_logits, target)
 
 
+@dataclass(frozen=True)
+class RngState:
+    """The random generators a forward pass draws from (CPU, and the GPU it runs on): to replay its dropout masks."""
+
+    cpu: torch.Tensor
+    gpu: torch.Tensor | None
+
+    @staticmethod
+    def capture(device: torch.device) -> RngState:
+        return RngState(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+    def restore(self, device: torch.device) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.gpu is not None:
+            torch.cuda.set_rng_state(self.gpu, device)
+
+
 class ParameterSnapshot:
     """θ_old: a copy of every trainable parameter, refreshed before an optimizer step.
 
@@ -76,23 +95,28 @@ class ParameterSnapshot:
 
     @torch.no_grad()
     def refresh(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            if name in self.tensors:
-                self.tensors[name].copy_(p)
+        pairs = [(self.tensors[name], p) for name, p in model.named_parameters() if name in self.tensors]
+        if pairs:
+            olds, news = zip(*pairs, strict=True)
+            torch._foreach_copy_(olds, news)  # one fused copy instead of one kernel launch per tensor
 
-    def outputs(self, model: GraftedModel, x: torch.Tensor, rng_state: torch.Tensor | None = None) -> torch.Tensor:
+    def outputs(self, model: GraftedModel, x: torch.Tensor, rng_state: RngState | None = None) -> torch.Tensor:
         """``model(x)`` with θ_old, without autograd and without touching the model's buffers.
 
         Buffers (BatchNorm statistics, tap scales) are passed as copies, so the extra pass updates nothing;
         with ``rng_state`` the pass replays the same dropout masks as the current pass it is compared to.
         Call it inside ``model.reusing_teacher_features()`` so teachers run once per batch.
         """
-        state: dict[str, torch.Tensor] = {n: b.clone() for n, b in model.named_buffers()}
+        # Teachers run in eval mode or not at all (their taps are reused), so only the rest needs copies.
+        # (Swapping storages with ``p.data = ...`` would be cheaper but bumps version counters of tensors
+        # that the current step's autograd graph has saved.)
+        state = {n: b.clone() for n, b in model.named_buffers() if not n.startswith("teachers.")}
         present = dict(model.named_parameters())
         state.update({n: t for n, t in self.tensors.items() if n in present})
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        on_gpu = x.device.type == "cuda"
+        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if on_gpu else []):
             if rng_state is not None:
-                torch.set_rng_state(rng_state)
+                rng_state.restore(x.device)
             out = functional_call(model, state, (x,), strict=False)
         for mixer in model.mixers.values():
             mixer.refresh()  # the pass above calibrated on copies: re-read the real buffers

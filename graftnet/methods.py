@@ -22,6 +22,7 @@ from graftnet.errors import TrainingError
 from graftnet.graft import GraftedModel, graft
 from graftnet.losses import (
     ParameterSnapshot,
+    RngState,
     cwtm_loss,
     dkpp_targets,
     kd_loss,
@@ -216,7 +217,7 @@ class KnowledgeFlow(Method):
     def loss(
         self, g: GraftedModel, x: torch.Tensor, y: torch.Tensor, progress: float, forward: nn.Module | None = None
     ) -> StepLoss:
-        rng = torch.get_rng_state() if self.snapshot is not None else None
+        rng = RngState.capture(x.device) if self.snapshot is not None else None
         with g.reusing_teacher_features():
             logits = logits_of((forward or g)(x))
             task = F.cross_entropy(logits, y)

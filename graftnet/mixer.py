@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["Mixer", "initial_logits"]
+__all__ = ["Mixer", "initial_logits", "mix"]
 
 
 def initial_logits(n_taps: int, init: str | float) -> torch.Tensor:
@@ -27,6 +28,46 @@ def initial_logits(n_taps: int, init: str | float) -> torch.Tensor:
     p0 = float(init)
     rest = math.log((1.0 - p0) / n_taps)
     return torch.tensor([math.log(p0)] + [rest] * n_taps)
+
+
+class _Mix(torch.autograd.Function):
+    """Σ_k c_k·u_k in one pass, with the weights' gradients as dot products.
+
+    Written out with ``*`` and ``+`` autograd keeps a full-size temporary per candidate in the forward and
+    another for each ``grad·u_k`` before it sums it; here the forward accumulates in place and the backward
+    takes ⟨grad, u_k⟩ with one BLAS dot each.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, coeffs: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        out = inputs[0] * coeffs[0]
+        for k in range(1, len(inputs)):
+            out.addcmul_(inputs[k], coeffs[k])
+        ctx.save_for_backward(coeffs, *inputs)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        coeffs, *inputs = ctx.saved_tensors
+        grad_coeffs = None
+        if ctx.needs_input_grad[0]:
+            flat = grad.reshape(-1)
+            grad_coeffs = torch.stack([torch.dot(flat, u.reshape(-1)) for u in inputs]).to(coeffs.dtype)
+        grads = [grad * coeffs[k] if ctx.needs_input_grad[k + 1] else None for k in range(len(inputs))]
+        return (grad_coeffs, *grads)
+
+
+def mix(coeffs: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``Σ_k coeffs[k]·inputs[k]`` for same-shaped inputs, fused (forward and backward).
+
+    Examples:
+        >>> mix(torch.tensor([0.25, 0.75]), [torch.ones(2), torch.zeros(2)])
+        tensor([0.2500, 0.2500])
+    """
+    if len(inputs) == 1:
+        return inputs[0] * coeffs[0]
+    return _Mix.apply(coeffs, *inputs)  # type: ignore[no-any-return]
 
 
 class Mixer(nn.Module):
@@ -102,12 +143,17 @@ class Mixer(nn.Module):
             if self._calibrating and self.training:  # evaluation never changes state
                 self._calibrate(taps)
         p = torch.softmax(self.logits, dim=0)
-        out = p[0] * z
+        weights, inputs = [p[0]], [z]
         for i, (adapter, t) in enumerate(zip(self.adapters, taps, strict=True)):
+            weight = p[i + 1]
             if self.rescale_taps:
-                t = t * self.tap_scale[i]
-            out = out + p[i + 1] * adapter(t)
-        return out
+                if isinstance(adapter, nn.Identity):
+                    weight = weight * self.tap_scale[i]  # (p·s)·t: one pass over the tap fewer than p·(s·t)
+                else:
+                    t = t * self.tap_scale[i]
+            weights.append(weight)
+            inputs.append(adapter(t))
+        return mix(torch.stack(weights), inputs)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)

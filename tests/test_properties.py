@@ -50,6 +50,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import graftnet
+from graftnet.mixer import Mixer, mix
 
 PROPERTY = settings(
     max_examples=40,
@@ -419,6 +420,34 @@ def test_p_w_and_dependency_loss(case: Case, data: st.DataObject) -> None:
     g.dependency_loss().backward()
     assert all(m.logits.grad is not None and m.logits.grad.count_nonzero() > 0 for m in g.mixers.values())
     assert all(p.grad is None for p in g.student.parameters())
+
+
+# --- the fused mixing ------------------------------------------------------------------------------------
+
+
+def test_fused_mix_has_the_gradients_of_the_formula() -> None:
+    coeffs = torch.randn(3, dtype=torch.double, requires_grad=True)
+    inputs = [torch.randn(4, 3, 5, dtype=torch.double, requires_grad=k != 1) for k in range(3)]
+    assert torch.autograd.gradcheck(lambda c, *u: mix(c, u), (coeffs, *inputs))
+
+
+def test_mixer_computes_the_formula_with_identity_and_learned_adapters() -> None:
+    torch.manual_seed(0)
+    mixer = Mixer("s", ["a:x", "b:y"], [torch.nn.Identity(), torch.nn.Linear(6, 4)], init=0.4)
+    mixer.tap_scale.copy_(torch.tensor([0.5, 3.0]))
+    mixer.calibrated_batches.fill_(mixer.calibration_batches)  # calibrated: the scales stay as set
+    z = torch.randn(5, 4, requires_grad=True)
+    taps = (torch.randn(5, 4), torch.randn(5, 6))
+    out = mixer(z, *taps)
+    grads = torch.autograd.grad(out.square().sum(), [z, mixer.logits, *mixer.adapters[1].parameters()])
+    p = torch.softmax(mixer.logits, 0)
+    expected = p[0] * z + p[1] * (0.5 * taps[0]) + p[2] * mixer.adapters[1](3.0 * taps[1])
+    expected_grads = torch.autograd.grad(
+        expected.square().sum(), [z, mixer.logits, *mixer.adapters[1].parameters()]
+    )
+    assert torch.allclose(out, expected, atol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
 
 
 # --- adapter 'auto' refuses what it cannot map ---------------------------------------------------------

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import graftnet
 from graftnet.checkpoint import read_checkpoint
 from graftnet.errors import DataError, ModelSourceError, SpecError, TrainingError
-from graftnet.losses import kd_loss, kl_to_old, lambda1_at
+from graftnet.losses import ParameterSnapshot, RngState, kd_loss, kl_to_old, lambda1_at
 from graftnet.methods import METHODS, KnowledgeFlow
 from graftnet.models import build_model
 from graftnet.trainer import _param_groups, train
@@ -132,6 +132,24 @@ def test_kl_pass_leaves_buffers_alone(tmp_path: Path) -> None:
     method.snapshot.outputs(g, x)
     for n, b in g.named_buffers():
         assert torch.equal(b, buffers[n]), n
+
+
+def test_kl_pass_replays_the_dropout_masks() -> None:
+    torch.manual_seed(0)
+    small = {"in_features": 12, "hidden": [16], "num_classes": 3}
+    student = build_model("graftnet:mlp", {**small, "dropout": 0.5})
+    spec = {"input_shape": [12], "sites": [{"student": "body.2", "taps": ["t:body.2"]}]}
+    g = graftnet.graft(student, {"t": build_model("graftnet:mlp", small)}, spec).train()
+    x = torch.randn(8, 12)
+    for _ in range(4):
+        g(x)  # the tap scales finish calibrating
+    snapshot = ParameterSnapshot(g)  # θ_old = θ: with the same masks the pass must reproduce the current one
+    state = RngState.capture(x.device)
+    out = g(x)
+    after = torch.get_rng_state()
+    assert torch.equal(snapshot.outputs(g, x, state), out)
+    assert torch.equal(torch.get_rng_state(), after)  # and leave the generator where the step left it
+    assert not torch.equal(snapshot.outputs(g, x), out)  # without the replay: other masks
 
 
 def test_learning_rates_are_separate(tmp_path: Path) -> None:
