@@ -1,0 +1,24 @@
+"""The speed benchmark stays runnable, and its hand-written model stays the model graftnet builds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_speed  # noqa: E402
+
+
+@pytest.mark.parametrize("case", ["mlp", "a3c"])
+def test_benchmark_case_runs_and_reports_every_ratio(case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ratios = bench_speed.run_case(case, bench_speed.CASES[case], torch.device("cpu"), rounds=2, warmup=1)
+    assert set(ratios) == {
+        "machinery", "machinery without adapters", "vs hand-written", "KL extra / student forward",
+        "exported / original",
+    }  # fmt: skip
+    assert all(r.median > 0 for r in ratios.values())
+    assert "peak memory of a step" in capsys.readouterr().out
