@@ -9,6 +9,7 @@ of magnitude, and without it a loud teacher swamps the mix (FIELD-NOTES.md).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +41,8 @@ class _Mix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, coeffs: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        out = inputs[0] * coeffs[0]
+        dtype = functools.reduce(torch.promote_types, [u.dtype for u in inputs])  # as z + u would give
+        out = inputs[0].to(dtype) * coeffs[0]
         for k in range(1, len(inputs)):
             out.addcmul_(inputs[k], coeffs[k])
         ctx.save_for_backward(coeffs, *inputs)
@@ -53,7 +55,8 @@ class _Mix(torch.autograd.Function):
         grad_coeffs = None
         if ctx.needs_input_grad[0]:
             flat = grad.reshape(-1)
-            grad_coeffs = torch.stack([torch.dot(flat, u.reshape(-1)) for u in inputs]).to(coeffs.dtype)
+            dots = [torch.dot(flat, u.reshape(-1).to(flat.dtype)) for u in inputs]
+            grad_coeffs = torch.stack(dots).to(coeffs.dtype)
         grads = [grad * coeffs[k] if ctx.needs_input_grad[k + 1] else None for k in range(len(inputs))]
         return (grad_coeffs, *grads)
 

@@ -429,6 +429,12 @@ def test_fused_mix_has_the_gradients_of_the_formula() -> None:
     coeffs = torch.randn(3, dtype=torch.double, requires_grad=True)
     inputs = [torch.randn(4, 3, 5, dtype=torch.double, requires_grad=k != 1) for k in range(3)]
     assert torch.autograd.gradcheck(lambda c, *u: mix(c, u), (coeffs, *inputs))
+    # mixed precisions promote as z + u would, and each gradient comes back in its input's dtype
+    low = [u.detach().float().requires_grad_() for u in inputs[:2]] + [inputs[2]]
+    out = mix(coeffs, low)
+    assert out.dtype == torch.double
+    out.sum().backward()
+    assert low[0].grad is not None and low[0].grad.dtype == torch.float
 
 
 def test_mixer_computes_the_formula_with_identity_and_learned_adapters() -> None:
