@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -111,6 +112,10 @@ def _train(args: argparse.Namespace) -> int:
                    tensorboard=not args.no_tensorboard)  # fmt: skip
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for every process
         return 128 + int(signal.Signals[result.interrupted]) if result.interrupted else 0
+    from graftnet.rl.trainer import RLRunResult
+
+    if isinstance(result, RLRunResult):
+        return _print_rl(result, args.spec, out)
     if result.interrupted:
         print(f"{result.interrupted}: stopped at epoch {result.epochs}; the checkpoint is saved in {out}. "
               f"Continue with: graftnet train {args.spec} --out {out} --resume", file=sys.stderr)  # fmt: skip
@@ -127,6 +132,24 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  min p_w(student) over sites: {result.min_p_w_student:.6f}{forced}")
     print(f"  exported student: {out / 'student.safetensors'}")
     print(f"  student alone: validation error {result.val_error:.2f}%, test error {result.test_error:.2f}%")
+    return 0
+
+
+def _print_rl(result: Any, spec: str, out: Path) -> int:
+    import signal
+
+    if result.interrupted:
+        print(f"{result.interrupted}: stopped at {result.frames:,} frames; the checkpoint is saved in {out}. "
+              f"Continue with: graftnet train {spec} --out {out} --resume", file=sys.stderr)  # fmt: skip
+        return 128 + int(signal.Signals[result.interrupted])
+    print(f"run {out}: {result.method}, {result.frames:,} frames in {result.seconds:.1f} s")
+    if result.min_p_w_student is not None:
+        forced = " — exported anyway (forced)" if result.forced_export else ""
+        print(f"  min p_w(student) over sites: {result.min_p_w_student:.6f}{forced}")
+    print(f"  exported student: {out / 'student.safetensors'}")
+    returns = result.eval_returns
+    spread = f" ± {statistics.pstdev(returns):.2f}" if len(returns) > 1 else ""
+    print(f"  student alone: mean return {result.eval_mean:.2f}{spread} over {len(returns)} episodes")
     return 0
 
 

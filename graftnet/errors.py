@@ -7,6 +7,7 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "DetachError",
+    "EnvError",
     "GraftError",
     "ModelSourceError",
     "NameResolutionError",
@@ -50,6 +51,10 @@ class CheckpointError(GraftError):
 
 class DataError(GraftError):
     """A dataset is unknown, absent (with download off), or asked for classes or sizes it does not have."""
+
+
+class EnvError(GraftError):
+    """A reinforcement-learning environment is unknown, needs an extra that is not installed, or cannot run."""
 
 
 class TrainingError(GraftError):

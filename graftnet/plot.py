@@ -1,7 +1,8 @@
-"""Plots of training runs: accuracy curves, and p_w per site over epochs (the paper's Fig. 1c).
+"""Plots of training runs: accuracy or return curves, and p_w per site over training (the paper's Fig. 1c).
 
-A run folder is what ``graftnet train`` writes: ``metrics.csv`` (one row per epoch; knowledge-flow runs add
-one ``p_w/<site>/<candidate>`` column per site and candidate) and optionally ``run.json`` with a ``label``.
+A run folder is what ``graftnet train`` writes: ``metrics.csv`` (one row per epoch, or for reinforcement
+learning one row per logging interval of frames; knowledge-flow runs add one ``p_w/<site>/<candidate>`` column
+per site and candidate) and optionally ``run.json`` with a ``label``.
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas, so pyplot's global state and the
 user's interactive backend are left alone.
 """
@@ -23,12 +24,13 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["METRICS_COLUMNS", "plot_runs", "read_metrics"]
+__all__ = ["METRICS_COLUMNS", "RL_METRICS_COLUMNS", "plot_runs", "read_metrics"]
 
 METRICS_COLUMNS = (
     "epoch", "step", "lr", "lambda1", "loss", "task_loss", "dep_loss", "kl_loss", "kd_loss",
     "train_acc", "val_loss", "val_acc", "teachers_cut", "seconds",
 )  # fmt: skip
+RL_METRICS_COLUMNS = ("frames", "step", "seconds", "steps_per_s", "return_mean", "episodes", "lambda1", "teachers_cut")
 _P_W = "p_w/"
 _STUDENT = "student"
 _TEACHER_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
@@ -60,11 +62,12 @@ def read_metrics(run: str | Path) -> dict[str, list[float]]:
     with open(path, newline="") as f:
         rows = [row for row in csv.reader(f) if row]
     header = [name.strip() for name in rows[0]] if rows else []
-    missing = [c for c in METRICS_COLUMNS if c not in header]
+    required = RL_METRICS_COLUMNS if "frames" in header else METRICS_COLUMNS
+    missing = [c for c in required if c not in header]
     if missing:
         raise TrainingError(
             f"{path} lacks the column(s) {', '.join(missing)}: a metrics.csv from `graftnet train` starts with "
-            f"{','.join(METRICS_COLUMNS)}"
+            f"{','.join(required)}"
         )
     if len(rows) < 2:
         raise TrainingError(f"{path} has a header but no data rows: plot the run after its first epoch")
@@ -84,11 +87,16 @@ def read_metrics(run: str | Path) -> dict[str, list[float]]:
 class _Run:
     label: str
     m: dict[str, list[float]]
-    p_w: dict[str, dict[str, list[float]]]  # site → candidate → p_w per epoch
+    p_w: dict[str, dict[str, list[float]]]  # site → candidate → p_w per row
+
+    @property
+    def x(self) -> str:
+        """The training-time axis: epochs, or frames for a reinforcement-learning run."""
+        return "frames" if "frames" in self.m else "epoch"
 
     def cut_epoch(self) -> float | None:
-        """The first epoch at which ``teachers_cut`` turns from 0 to 1, if it does."""
-        cut, epochs = self.m["teachers_cut"], self.m["epoch"]
+        """The first epoch (or frame count) at which ``teachers_cut`` turns from 0 to 1, if it does."""
+        cut, epochs = self.m["teachers_cut"], self.m[self.x]
         return next((epochs[i] for i in range(1, len(cut)) if cut[i] == 1 and cut[i - 1] == 0), None)
 
 
@@ -120,7 +128,7 @@ def _mark_cut(ax: Axes, run: _Run, color: str) -> None:
 
 def _teacher_totals(run: _Run) -> dict[str, list[float]]:
     """Mean over the run's sites of p_w(student) and of each teacher's summed p_w (0 where it has no tap)."""
-    n, sites = len(run.m["epoch"]), list(run.p_w.values())
+    n, sites = len(run.m[run.x]), list(run.p_w.values())
     totals: dict[str, list[float]] = {_STUDENT: [0.0] * n}
     for candidates in sites:
         for candidate, values in candidates.items():
@@ -162,6 +170,20 @@ def _accuracy(runs: list[_Run], colors: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _returns(runs: list[_Run], colors: list[str], path: Path) -> Path:
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    for run, color in zip(runs, colors, strict=True):
+        ax.plot(run.m["frames"], run.m["return_mean"], color=color, label=run.label)
+        _mark_cut(ax, run, color)
+    ax.set(xlabel="frames", ylabel="mean episodic return", title="return of training episodes")
+    ax.grid(alpha=0.3)
+    if any(run.cut_epoch() is not None for run in runs):
+        ax.plot([], [], color="grey", linestyle=":", label="teachers cut")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def _p_w(runs: list[_Run], colors: list[str], path: Path) -> Path:
     from matplotlib.lines import Line2D
 
@@ -188,7 +210,7 @@ def _p_w(runs: list[_Run], colors: list[str], path: Path) -> Path:
     for ax, (title, by_run) in zip(axes, panels, strict=False):
         for run, color, curves in zip(runs, colors, by_run, strict=True):
             for candidate, values in curves.items():
-                ax.plot(run.m["epoch"], values, color=color, **style(candidate, list(curves)))
+                ax.plot(run.m[run.x], values, color=color, **style(candidate, list(curves)))
             if curves:
                 _mark_cut(ax, run, color)
         keys = list(dict.fromkeys(c for curves in by_run for c in curves))
@@ -201,7 +223,7 @@ def _p_w(runs: list[_Run], colors: list[str], path: Path) -> Path:
     for i, ax in enumerate(axes[len(panels) :], start=len(panels)):
         axes[i - ncols].xaxis.set_tick_params(labelbottom=True)  # the panel above loses its shared x labels
         ax.remove()
-    fig.supxlabel("epoch")
+    fig.supxlabel(runs[0].x)
     fig.supylabel("p_w")
     # Colours match accuracy.png; runs without p_w (scratch, kd …) draw nothing here and are left out.
     pairs = [(run, color) for run, color in zip(runs, colors, strict=True) if run.p_w]
@@ -211,10 +233,11 @@ def _p_w(runs: list[_Run], colors: list[str], path: Path) -> Path:
 
 
 def plot_runs(runs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
-    """Draw ``accuracy.png`` and, when any run is a knowledge-flow run, ``p_w.png`` into ``out_dir``.
+    """Draw ``accuracy.png`` (``returns.png`` for RL runs) and, for knowledge-flow runs, ``p_w.png`` into ``out_dir``.
 
     ``accuracy.png`` shows validation (solid) and training (dashed) accuracy per epoch, one colour per run,
-    with a dotted line where the teachers were cut. ``p_w.png`` has one panel per site (in first-seen order
+    with a dotted line where the teachers were cut; ``returns.png`` the mean return of the training episodes
+    against frames. ``p_w.png`` has one panel per site (in first-seen order
     over the runs) with p_w of the student and of each teacher candidate, led by a panel of the mean over
     sites of p_w(student) and of each teacher's summed p_w — the paper's Fig. 1c.
 
@@ -248,7 +271,13 @@ def plot_runs(runs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
         raise GraftError(f"out_dir {out} is a file: pass a folder for the plots")
     out.mkdir(parents=True, exist_ok=True)
     colors = [f"C{i % 10}" for i in range(len(loaded))]
-    written = [_accuracy(loaded, colors, out / "accuracy.png")]
+    kinds = {run.x for run in loaded}
+    if len(kinds) > 1:
+        raise GraftError("plot_runs() got supervised and reinforcement-learning runs together: plot them separately")
+    if kinds == {"frames"}:
+        written = [_returns(loaded, colors, out / "returns.png")]
+    else:
+        written = [_accuracy(loaded, colors, out / "accuracy.png")]
     if any(run.p_w for run in loaded):
         written.append(_p_w(loaded, colors, out / "p_w.png"))
     return written

@@ -26,6 +26,7 @@ __all__ = [
     "Lambda1Spec",
     "MixingSpec",
     "ModelSpec",
+    "RLSpec",
     "SiteSpec",
     "Spec",
     "TeacherSpec",
@@ -272,6 +273,33 @@ class TrainSpec(_Strict):
     label: str | None = Field(None, description="Name of the run in plots and tables (default: the folder name).")
 
 
+class RLSpec(_Strict):
+    """Reinforcement learning (paper §4.1): A2C or A3C on a gymnasium environment, with the paper's evaluation."""
+
+    env: str = Field(description="Environment id: MinAtar/<Game>-v1, ALE/<Game>-v5, or classic control (CartPole-v1).")
+    algorithm: Literal["a2c", "a3c"] = Field(
+        "a2c", description="a2c: synchronous, one learner; a3c: Hogwild worker processes sharing the model and Adam."
+    )
+    frames: int = Field(
+        1_000_000, ge=1, description="Training budget in environment frames (agent steps × frame skip), all envs."
+    )
+    num_envs: int = Field(16, ge=1, description="Environments per learner (a2c) or per worker (a3c).")
+    workers: int = Field(2, ge=1, description="A3C worker processes.")
+    rollout: int = Field(5, ge=1, description="n of the n-step returns: steps per environment per update.")
+    gamma: float = Field(0.99, gt=0.0, le=1.0, description="Discount.")
+    entropy: float = Field(0.01, ge=0.0, description="Entropy bonus β.")
+    value_coef: float = Field(0.5, ge=0.0, description="Weight of the value loss.")
+    clip_rewards: bool | None = Field(
+        None, description="Learn from rewards clipped to [-1, 1] (default: for ALE/* games, as A3C does)."
+    )
+    max_grad_norm: float | None = Field(0.5, gt=0.0, description="Gradient-norm clip (null: none).")
+    log_every: int = Field(
+        50_000, ge=1, description="Frames between metrics rows and checkpoints."
+    )
+    eval_episodes: int = Field(30, ge=1, description="Episodes of the final evaluation of the detached student.")
+    noop_max: int = Field(30, ge=0, description="Up to this many random no-ops start every evaluation episode.")
+
+
 class Spec(_Strict):
     """A graft: student, teachers, and the candidate set of every mixed student layer."""
 
@@ -285,6 +313,7 @@ class Spec(_Strict):
     mixing: MixingSpec = Field(default_factory=MixingSpec)
     data: DataSpec | None = Field(None, description="The task to train on (graftnet train).")
     train: TrainSpec | None = Field(None, description="How to train (graftnet train).")
+    rl: RLSpec | None = Field(None, description="Train by reinforcement learning in an environment (instead of data).")
 
     @field_validator("input_shape")
     @classmethod
@@ -325,13 +354,20 @@ class Spec(_Strict):
                     f"train.{method}.teacher: {section.teacher!r} is not a teacher of this spec "
                     f"(teachers: {', '.join(sorted(self.teachers)) or 'none'})"
                 )
+        if self.rl is not None:
+            if self.data is not None:
+                raise ValueError("rl: a spec trains either on data or in an environment: remove 'data' or 'rl'")
+            if train.method not in ("scratch", "finetune", "knowledge_flow"):
+                raise ValueError(
+                    f"train.method: {train.method!r} does not apply to 'rl': use scratch, finetune or knowledge_flow"
+                )
         if train.method == "knowledge_flow" and not self.sites:
             raise ValueError("sites: method 'knowledge_flow' needs at least one site with taps to mix")
         return self
 
     def graft_part(self) -> Spec:
         """The spec without its training and data sections: what a graft and its checkpoint need."""
-        return self.model_copy(update={"data": None, "train": None})
+        return self.model_copy(update={"data": None, "train": None, "rl": None})
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -236,15 +236,18 @@ def _catching_signals(flag: _StopFlag) -> Iterator[None]:
 
 
 class _Metrics:
-    """metrics.csv (one row per epoch) and TensorBoard scalars."""
+    """metrics.csv (one row per epoch, or per logging interval of ``x``) and TensorBoard scalars against ``x``."""
 
-    def __init__(self, run_dir: Path, columns: list[str], keep_epochs: int | None, tensorboard: bool) -> None:
+    def __init__(
+        self, run_dir: Path, columns: list[str], keep_epochs: int | None, tensorboard: bool, x: str = "epoch"
+    ) -> None:
         self.path = run_dir / "metrics.csv"
         self.columns = columns
+        self.x = x
         rows: list[dict[str, str]] = []
         if keep_epochs is not None and self.path.exists():  # resuming: drop rows newer than the checkpoint
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(float(r["epoch"])) <= keep_epochs]
+                rows = [r for r in csv.DictReader(f) if int(float(r[x])) <= keep_epochs]
         with open(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
@@ -262,8 +265,8 @@ class _Metrics:
             )
         if self.writer is not None:
             for key, value in row.items():
-                if key not in ("epoch", "step") and isinstance(value, (int, float)) and value is not None:
-                    self.writer.add_scalar(key, value, int(row["epoch"]))
+                if key not in ("epoch", "step", self.x) and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(key, value, int(row[self.x]))
             self.writer.flush()
 
     def close(self) -> None:
@@ -373,6 +376,11 @@ def train(
         >>> r.test_error                                                 # doctest: +SKIP
     """
     spec = given = load_spec(spec)  # type: ignore[arg-type]
+    if spec.rl is not None and spec.train is not None:
+        from graftnet.rl import train_rl
+
+        return train_rl(spec, Path(run_dir), resume=resume, overwrite=overwrite, progress=progress,  # type: ignore[return-value]
+                        tensorboard=tensorboard)  # fmt: skip
     for section in ("student", "data", "train"):
         if getattr(spec, section) is None:
             raise SpecError(f"{section}: graftnet train needs a '{section}' section in the spec")

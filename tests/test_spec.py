@@ -113,7 +113,16 @@ def test_bundled_specs_resolve_with_random_weights(path: Path) -> None:
     assert isinstance(spec, Spec)
     g = graftnet.graft(None, None, spec)
     assert set(g.p_w()) == {s.name for s in g.plan.sites}
-    if spec.train is not None:  # a training spec: its dataset and method exist, its student fits the data
+    if spec.rl is not None:  # an RL spec: its environment exists and the student fits its observations and actions
+        from graftnet.rl.envs import env_info
+
+        shape, actions = env_info(spec.rl.env)
+        assert spec.train is not None and spec.train.method in METHODS
+        assert list(shape) == spec.input_shape
+        with torch.no_grad():
+            logits, value = g.eval()(torch.randn(2, *shape))
+        assert logits.shape == (2, actions) and value.shape == (2,)
+    elif spec.train is not None:  # a training spec: its dataset and method exist, its student fits the data
         assert spec.data is not None and spec.data.dataset in DATASETS
         assert spec.train.method in METHODS or spec.train.method == "ban"  # ban runs a sequence of methods
         with torch.no_grad():

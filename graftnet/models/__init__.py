@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from graftnet.errors import ModelSourceError
-from graftnet.models.a3c import A3CNet, a3c, a3c_minatar
+from graftnet.models.a3c import A3CNet, ActorCriticMLP, a3c, a3c_minatar, actor_critic_mlp
 from graftnet.models.convnets import Convnet, cnn1d, convnet, densenet_cifar
 from graftnet.models.mlp import MLP, mlp
 from graftnet.models.wide_resnet import WideResNet, wide_resnet_cifar
@@ -22,6 +22,7 @@ from graftnet.registry import Registry
 
 __all__ = [
     "A3CNet",
+    "ActorCriticMLP",
     "Convnet",
     "MLP",
     "MODELS",
@@ -37,6 +38,7 @@ MODEL_SOURCES: Registry[Callable[[str, dict[str, Any]], nn.Module]] = Registry("
 MODELS: Registry[ModelFactory] = Registry("graftnet model", ModelSourceError)
 MODELS.add("a3c", a3c)
 MODELS.add("a3c_minatar", a3c_minatar)
+MODELS.add("actor_critic_mlp", actor_critic_mlp)
 MODELS.add("mlp", mlp)
 MODELS.add("cnn1d", cnn1d)
 MODELS.add("convnet", convnet)

@@ -1,0 +1,147 @@
+"""Advantage actor-critic with knowledge flow (paper §4.1, eq. 4): rollouts, n-step returns and the loss.
+
+Shared by the synchronous learner (A2C) and every A3C worker. The policy loss gets λ1·ℓ_dep + λ2·KL(π_θ ‖ π_θold);
+the value loss is plain, and trains w and Q too, through the shared trunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from graftnet.errors import TrainingError
+from graftnet.graft import GraftedModel
+from graftnet.losses import RngState, kl_to_old
+from graftnet.methods import KnowledgeFlow, Method
+from graftnet.rl.envs import EpisodeEnd, VecEnv
+from graftnet.spec import RLSpec
+
+__all__ = ["Collector", "Rollout", "a2c_loss", "a2c_update", "n_step_returns", "policy_and_value"]
+
+LOSS_PARTS = ("loss", "policy_loss", "value_loss", "entropy", "dep_loss", "kl_loss")
+
+
+def policy_and_value(out: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(policy_logits (B, A), value (B,))`` from an actor-critic's output, or a clear error."""
+    if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out):
+        logits, value = out
+        if logits.ndim == 2 and value.reshape(len(value), -1).shape[1] == 1:
+            return logits, value.reshape(-1)
+    raise TrainingError(
+        "reinforcement learning needs a student that returns (policy_logits of shape (batch, actions), value of "
+        "shape (batch,)), such as graftnet:a3c or graftnet:a3c_minatar"
+    )
+
+
+@dataclass
+class Rollout:
+    """``T`` steps of ``N`` environments, and the observation after them (to bootstrap from)."""
+
+    obs: torch.Tensor  # (T, N, *shape)
+    actions: torch.Tensor  # (T, N)
+    rewards: torch.Tensor  # (T, N)
+    dones: torch.Tensor  # (T, N), episode boundaries: no bootstrapping across them
+    last_obs: torch.Tensor  # (N, *shape)
+
+    @property
+    def steps(self) -> int:
+        return int(self.actions.numel())
+
+
+class Collector:
+    """Steps a :class:`VecEnv` with the current policy, carrying its observation from one rollout to the next."""
+
+    def __init__(self, env: VecEnv, device: torch.device) -> None:
+        self.env = env
+        self.device = device
+        self.obs = torch.from_numpy(env.reset())
+
+    @torch.no_grad()
+    def collect(self, model: nn.Module, steps: int) -> tuple[Rollout, list[EpisodeEnd]]:
+        n = self.env.num_envs
+        obs = torch.empty((steps, n, *self.env.observation_shape))
+        actions = torch.empty((steps, n), dtype=torch.long)
+        rewards = torch.empty((steps, n))
+        dones = torch.empty((steps, n), dtype=torch.bool)
+        ended: list[EpisodeEnd] = []
+        for t in range(steps):
+            obs[t] = self.obs
+            logits, _ = policy_and_value(model(self.obs.to(self.device)))
+            action = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1).cpu()
+            next_obs, reward, done, ends = self.env.step(action.numpy())
+            actions[t], rewards[t], dones[t] = action, torch.from_numpy(reward), torch.from_numpy(done)
+            ended += ends
+            self.obs = torch.from_numpy(next_obs)
+        return Rollout(obs, actions, rewards, dones, self.obs.clone()), ended
+
+
+def n_step_returns(rewards: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted returns of a (T, N) rollout, bootstrapped from the value after it and cut at episode ends."""
+    returns = torch.empty_like(rewards)
+    running = last_value
+    keep = (~dones).float()
+    for t in reversed(range(len(rewards))):
+        running = rewards[t] + gamma * running * keep[t]
+        returns[t] = running
+    return returns
+
+
+def a2c_loss(
+    g: GraftedModel, method: Method, rollout: Rollout, rl: RLSpec, progress: float, device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The actor-critic loss of one rollout; with knowledge flow, plus λ1·ℓ_dep and λ2·KL(π_θ ‖ π_θold)."""
+    with torch.no_grad():
+        _, last_value = policy_and_value(g(rollout.last_obs.to(device)))
+    t, n = rollout.actions.shape
+    obs = rollout.obs.reshape(t * n, *rollout.obs.shape[2:]).to(device)
+    actions = rollout.actions.reshape(-1).to(device)
+    clip = rl.clip_rewards if rl.clip_rewards is not None else rl.env.startswith("ALE/")
+    rewards = rollout.rewards.clamp(-1.0, 1.0) if clip else rollout.rewards
+    returns = n_step_returns(rewards, rollout.dones, last_value.cpu(), rl.gamma).reshape(-1).to(device)
+    snapshot = method.snapshot if isinstance(method, KnowledgeFlow) else None
+    rng = RngState.capture(device) if snapshot is not None else None
+    with g.reusing_teacher_features():  # the θ_old pass reads the same teacher taps
+        logits, values = policy_and_value(g(obs))
+        log_p = F.log_softmax(logits, dim=-1)
+        advantage = (returns - values).detach()
+        policy_loss = -(log_p.gather(1, actions[:, None]).squeeze(1) * advantage).mean()
+        entropy = -(log_p.exp() * log_p).sum(-1).mean()
+        value_loss = 0.5 * (returns - values).pow(2).mean()
+        parts = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy}
+        total = policy_loss - rl.entropy * entropy + rl.value_coef * value_loss
+        if isinstance(method, KnowledgeFlow) and not method.cut:
+            dep = g.dependency_loss()
+            parts["dep_loss"] = dep
+            total = total + method.lambda1(progress) * dep
+        if snapshot is not None:
+            old_logits, _ = policy_and_value(snapshot.outputs(g, obs, rng))
+            kl = kl_to_old(logits, old_logits)
+            parts["kl_loss"] = kl
+            total = total + method.train_spec.lambda2 * kl
+    return total, {"loss": total, **parts}
+
+
+def a2c_update(
+    g: GraftedModel, method: Method, collector: Collector, optimizer: torch.optim.Optimizer, rl: RLSpec,
+    progress: float, step: int,
+) -> tuple[dict[str, float], list[EpisodeEnd], int]:  # fmt: skip
+    """Collect one rollout, take one optimizer step on its loss; returns the loss parts, ended games, agent steps."""
+    rollout, ended = collector.collect(g, rl.rollout)
+    total, parts = a2c_loss(g, method, rollout, rl, progress, collector.device)
+    # one device-to-host copy for the finiteness check and every logged number
+    values = dict(zip(parts, torch.stack([v.detach().float() for v in parts.values()]).tolist(), strict=True))
+    if not math.isfinite(values["loss"]):
+        raise TrainingError(
+            f"the loss is not finite at update {step + 1} ({values}); lower train.lr or train.lambda1.final"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if rl.max_grad_norm is not None:
+        nn.utils.clip_grad_norm_([p for p in g.parameters() if p.requires_grad], rl.max_grad_norm)
+    method.before_step(g, step)
+    optimizer.step()
+    return values, ended, rollout.steps

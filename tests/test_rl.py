@@ -1,0 +1,189 @@
+"""Reinforcement learning: n-step returns, the eq. 4 loss, A2C and A3C runs, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import graftnet
+from graftnet.errors import EnvError, SpecError, TrainingError
+from graftnet.methods import METHODS
+from graftnet.models import build_model
+from graftnet.plot import plot_runs, read_metrics
+from graftnet.rl.a2c import Rollout, a2c_loss, n_step_returns
+from graftnet.rl.trainer import build_agent, train_rl
+
+BREAKOUT = {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": 4, "num_actions": 3}}
+SEAQUEST = {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": 10, "num_actions": 6}}
+
+
+def _teacher(tmp_path: Path) -> str:
+    path = tmp_path / "seaquest.safetensors"
+    torch.manual_seed(7)
+    teacher = build_model(SEAQUEST["model"], SEAQUEST["kwargs"])
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, path)
+    return str(path)
+
+
+def _spec(tmp_path: Path, method: str = "knowledge_flow", frames: int = 1600, **rl: Any) -> graftnet.Spec:
+    spec: dict[str, Any] = {
+        "student": BREAKOUT,
+        "input_shape": [4, 10, 10],
+        "rl": {"env": "MinAtar/Breakout-v1", "frames": frames, "num_envs": 4, "rollout": 5, "log_every": 400,
+               "eval_episodes": 3, "noop_max": 5, **rl},  # fmt: skip
+        "train": {"method": method, "lr": 1e-3, "threads": 1, "lambda2": 0.1},
+    }
+    if method in ("knowledge_flow", "finetune"):
+        spec["teachers"] = {"seaquest": {**SEAQUEST, "weights": _teacher(tmp_path),
+                                         "input": [{"adapter": "conv1x1", "kwargs": {"out_channels": 10}}]}}
+    if method == "knowledge_flow":
+        spec["sites"] = [{"student": s, "taps": [f"seaquest:{s}"]} for s in ("features.1", "act")]
+    if method == "finetune":
+        spec["train"]["finetune"] = {"teacher": "seaquest"}
+    return graftnet.load_spec(spec)
+
+
+def test_n_step_returns_bootstrap_and_stop_at_episode_ends() -> None:
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    dones = torch.tensor([[False, False], [True, False], [False, False]])
+    returns = n_step_returns(rewards, dones, torch.tensor([10.0, 20.0]), gamma=0.5)
+    # env 0: the episode ends after step 1, so steps 0-1 do not see step 2 or the bootstrap value
+    assert torch.allclose(returns[:, 0], torch.tensor([1.0, 0.0, 2.0 + 0.5 * 10.0]))
+    assert torch.allclose(returns[:, 1], torch.tensor([0.5 * 1.0 + 0.125 * 20.0, 1.0 + 0.25 * 20.0, 0.5 * 20.0]))
+
+
+def test_eq4_loss_trains_student_logits_and_adapters_and_kl_needs_an_old_snapshot(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    g, method, _ = build_agent(spec, (4, 10, 10), 3)
+    g.train()
+    torch.manual_seed(0)
+    t, n = 5, 4
+    rollout = Rollout(torch.rand(t, n, 4, 10, 10).round(), torch.randint(0, 3, (t, n)), torch.rand(t, n),
+                      torch.zeros(t, n, dtype=torch.bool), torch.rand(n, 4, 10, 10).round())  # fmt: skip
+    assert spec.rl is not None
+    total, parts = a2c_loss(g, method, rollout, spec.rl, 0.5, torch.device("cpu"))
+    assert set(parts) == {"loss", "policy_loss", "value_loss", "entropy", "dep_loss", "kl_loss"}
+    assert float(parts["kl_loss"].detach()) == pytest.approx(0.0, abs=1e-5)  # θ_old = θ before any step
+    total.backward()
+    assert all(m.logits.grad is not None and m.logits.grad.abs().sum() > 0 for m in g.mixers.values())
+    assert g.input_adapters["seaquest"].weight.grad is not None  # the learned 1×1 input adapter trains
+    assert all(p.grad is None for p in g.teachers.parameters())
+    opt = torch.optim.SGD([p for p in g.parameters() if p.requires_grad], lr=0.5)
+    method.before_step(g, 0)
+    opt.step()
+    _, parts = a2c_loss(g, method, rollout, spec.rl, 0.5, torch.device("cpu"))
+    assert float(parts["kl_loss"].detach()) > 1e-4
+
+
+def test_a2c_knowledge_flow_run_writes_metrics_checkpoint_and_evaluates_the_detached_student(tmp_path: Path) -> None:
+    run = tmp_path / "kf"
+    result = train_rl(_spec(tmp_path), run, progress=False, tensorboard=False)
+    assert result.frames >= 1600 and result.interrupted is None
+    assert len(result.eval_returns) == 3
+    m = read_metrics(run)
+    assert m["frames"] == [400, 800, 1200, 1600]
+    assert all(v > 0 for v in m["steps_per_s"])
+    assert {"p_w/features.1/student", "p_w/act/seaquest:act", "kl_loss", "dep_loss", "return_mean"} <= set(m)
+    plots = plot_runs([run], tmp_path / "plots")
+    assert [p.name for p in plots] == ["returns.png", "p_w.png"]
+    results = json.loads((run / "results.json").read_text())
+    assert results["eval_returns"] == result.eval_returns
+    student = build_model(BREAKOUT["model"], BREAKOUT["kwargs"])
+    student.load_state_dict(load_file(str(run / "student.safetensors")), strict=True)
+    # resuming a finished run evaluates again without training
+    again = train_rl(_spec(tmp_path), run, resume=True, progress=False, tensorboard=False)
+    assert again.frames == result.frames
+
+
+@pytest.mark.parametrize("method", ["scratch", "finetune"])
+def test_a2c_baselines_run(tmp_path: Path, method: str) -> None:
+    result = train_rl(_spec(tmp_path, method, frames=400), tmp_path / method, progress=False, tensorboard=False)
+    assert result.frames >= 400 and result.min_p_w_student is None
+
+
+def test_finetune_starts_from_the_teacher_where_shapes_match(tmp_path: Path) -> None:
+    g, _, _ = build_agent(_spec(tmp_path, "finetune"), (4, 10, 10), 3)
+    teacher = load_file(_teacher(tmp_path))
+    own = g.student.state_dict()
+    assert torch.equal(own["fc.weight"], teacher["fc.weight"])  # same shape: copied
+    assert own["policy.weight"].shape != teacher["policy.weight"].shape  # 3 actions against 6: kept
+
+
+def test_a3c_workers_share_the_model_and_finish(tmp_path: Path) -> None:
+    run = tmp_path / "a3c"
+    result = train_rl(_spec(tmp_path, frames=1600, algorithm="a3c", workers=2), run, progress=False,
+                      tensorboard=False)  # fmt: skip
+    assert result.frames >= 1600 and len(result.eval_returns) == 3
+    assert read_metrics(run)["frames"][-1] >= 1600
+
+
+def test_a3c_worker_crash_stops_the_run_with_its_error_and_keeps_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import graftnet.rl.a3c as a3c
+
+    calls = {"n": 0}
+    real = a3c.a2c_update
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("boom in the worker")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(a3c, "a2c_update", failing)  # the forked workers inherit the patch
+    run = tmp_path / "crash"
+    with pytest.raises(TrainingError, match="boom in the worker"):
+        train_rl(_spec(tmp_path, frames=100_000, algorithm="a3c", workers=2), run, progress=False,
+                 tensorboard=False)  # fmt: skip
+    assert (run / "checkpoint.safetensors").is_file()
+
+
+def test_real_ale_smoke_run(tmp_path: Path) -> None:
+    spec = graftnet.load_spec({
+        "student": {"model": "graftnet:a3c", "kwargs": {"num_actions": 6}},
+        "input_shape": [4, 84, 84],
+        "rl": {"env": "ALE/Pong-v5", "frames": 1600, "num_envs": 2, "rollout": 5, "log_every": 800,
+               "eval_episodes": 1, "noop_max": 0},
+        "train": {"method": "scratch", "threads": 1},
+    })  # fmt: skip
+    result = train_rl(spec, tmp_path / "pong", progress=False, tensorboard=False)
+    assert result.frames >= 1600 and len(result.eval_returns) == 1
+
+
+def test_classic_control_with_an_actor_critic_mlp(tmp_path: Path) -> None:
+    spec = graftnet.load_spec({
+        "student": {"model": "graftnet:actor_critic_mlp"},
+        "rl": {"env": "CartPole-v1", "frames": 2000, "num_envs": 4, "log_every": 1000, "eval_episodes": 2},
+        "train": {"method": "scratch", "threads": 1},
+    })  # fmt: skip
+    result = train_rl(spec, tmp_path / "cartpole", progress=False, tensorboard=False)
+    assert len(result.eval_returns) == 2 and all(r >= 1 for r in result.eval_returns)
+
+
+def test_unknown_environment_names_the_extra(tmp_path: Path) -> None:
+    with pytest.raises(EnvError, match="graftnet"):
+        train_rl(_spec(tmp_path, "scratch", env="NoSuchGame-v0"), tmp_path / "x", progress=False, tensorboard=False)
+
+
+def test_observations_the_sites_cannot_take(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "scratch").model_copy(update={"input_shape": [10, 10, 10]})
+    with pytest.raises(SpecError, match="observes"):
+        build_agent(spec, (4, 10, 10), 3)
+
+
+def test_wrong_number_of_actions(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="3 actions but"):
+        build_agent(_spec(tmp_path, "scratch"), (4, 10, 10), 5)
+
+
+def test_rl_methods_are_the_ones_that_apply() -> None:
+    with pytest.raises(SpecError, match="does not apply to 'rl'"):
+        graftnet.load_spec({"student": BREAKOUT, "rl": {"env": "MinAtar/Breakout-v1"}, "teachers": {"t": BREAKOUT},
+                            "train": {"method": "kd", "kd": {"teacher": "t"}}})  # fmt: skip
+    assert "knowledge_flow" in METHODS
