@@ -354,7 +354,8 @@ def train(
 
     Args:
         spec: a spec with ``student``, ``data`` and ``train`` sections (and teachers and sites for the
-            methods that use them).
+            methods that use them). A spec with an ``rl`` section instead of ``data`` trains by reinforcement
+            learning (:func:`graftnet.rl.train_rl`) and returns a :class:`graftnet.rl.RLRunResult`.
         run_dir: the run folder (created).
         resume: continue the run in ``run_dir`` exactly where its checkpoint stopped.
         overwrite: start over in a run folder that is not empty.

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import graftnet
-from graftnet.errors import EnvError, SpecError, TrainingError
+from graftnet.errors import EnvError, SpecError, TraceError, TrainingError
 from graftnet.methods import METHODS
 from graftnet.models import build_model
 from graftnet.plot import plot_runs, read_metrics
@@ -174,6 +174,13 @@ def test_unknown_environment_names_the_extra(tmp_path: Path) -> None:
 def test_observations_the_sites_cannot_take(tmp_path: Path) -> None:
     spec = _spec(tmp_path, "scratch").model_copy(update={"input_shape": [10, 10, 10]})
     with pytest.raises(SpecError, match="observes"):
+        build_agent(spec, (4, 10, 10), 3)
+
+
+def test_a_student_that_cannot_take_the_observations(tmp_path: Path) -> None:
+    spec = graftnet.load_spec({"student": {"model": "graftnet:a3c", "kwargs": {"num_actions": 3}},
+                               "rl": {"env": "MinAtar/Breakout-v1"}, "train": {"method": "scratch"}})  # fmt: skip
+    with pytest.raises(TraceError, match=r"MinAtar/Breakout-v1 observes \[4, 10, 10\].*graftnet:a3c cannot take"):
         build_agent(spec, (4, 10, 10), 3)
 
 

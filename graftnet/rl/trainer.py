@@ -24,7 +24,7 @@ from torch import nn
 
 from graftnet.checkpoint import CHECKPOINT_NAME, export, read_checkpoint
 from graftnet.detach import detach, student_dependence
-from graftnet.errors import SpecError, TrainingError
+from graftnet.errors import SpecError, TraceError, TrainingError
 from graftnet.graft import GraftedModel
 from graftnet.methods import METHODS, Method
 from graftnet.models import build_model
@@ -214,7 +214,13 @@ def build_agent(spec: Spec, observation_shape: tuple[int, ...], num_actions: int
     student = build_model(ref.model, ref.kwargs, ref.weights)
     example = torch.zeros(2, *observation_shape)
     method = METHODS.get(train.method)(spec)
-    g = method.build(student, example)
+    try:
+        g = method.build(student, example)
+    except TraceError as e:
+        raise TraceError(
+            f"{rl.env} observes {list(observation_shape)} (channels first), which {ref.model} cannot take: pick a "
+            f"student (and teachers, or their input adapters) for that shape. {e}"
+        ) from e
     with torch.no_grad():
         logits, _ = policy_and_value(g.eval()(example))
     if logits.shape[1] != num_actions:
