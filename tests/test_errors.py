@@ -390,7 +390,8 @@ def test_spec_teacher_that_would_download_is_refused() -> None:
     [
         ("timm:resnet18x", ["timm has no model 'resnet18x'", "list_models"]),
         ("torchvision:resnet18x", ["resnet18x", "list_models"]),
-        ("graftnet:a3cx", ["unknown graftnet model 'a3cx'", "Did you mean 'a3c'", "models: a3c, a3c_minatar, actor_critic_mlp, cnn1d"]),
+        ("graftnet:a3cx",
+         ["unknown graftnet model 'a3cx'", "Did you mean 'a3c'", "models: a3c, a3c_minatar, actor_critic_mlp, cnn1d"]),
         ("no_such_package_xyz:build", ["cannot import 'no_such_package_xyz'"]),
         ("resnet18", ["'resnet18'", "'SOURCE:NAME'"]),
     ],
