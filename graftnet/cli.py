@@ -10,11 +10,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from graftnet.errors import GraftError
+
+if TYPE_CHECKING:
+    from graftnet.rl.trainer import RLRunResult
 
 __all__ = ["main"]
 
@@ -135,7 +138,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_rl(result: Any, spec: str, out: Path) -> int:
+def _print_rl(result: RLRunResult, spec: str, out: Path) -> int:
     import signal
 
     if result.interrupted:
@@ -149,7 +152,7 @@ def _print_rl(result: Any, spec: str, out: Path) -> int:
     print(f"  exported student: {out / 'student.safetensors'}")
     returns = result.eval_returns
     spread = f" ± {statistics.pstdev(returns):.2f}" if len(returns) > 1 else ""
-    print(f"  student alone: mean return {result.eval_mean:.2f}{spread} over {len(returns)} episodes")
+    print(f"  student alone: mean return {statistics.fmean(returns):.2f}{spread} over {len(returns)} episodes")
     return 0
 
 

@@ -239,15 +239,15 @@ class _Metrics:
     """metrics.csv (one row per epoch, or per logging interval of ``x``) and TensorBoard scalars against ``x``."""
 
     def __init__(
-        self, run_dir: Path, columns: list[str], keep_epochs: int | None, tensorboard: bool, x: str = "epoch"
+        self, run_dir: Path, columns: list[str], keep_up_to: int | None, tensorboard: bool, x: str = "epoch"
     ) -> None:
         self.path = run_dir / "metrics.csv"
         self.columns = columns
         self.x = x
         rows: list[dict[str, str]] = []
-        if keep_epochs is not None and self.path.exists():  # resuming: drop rows newer than the checkpoint
+        if keep_up_to is not None and self.path.exists():  # resuming: drop rows newer than the checkpoint
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(float(r[x])) <= keep_epochs]
+                rows = [r for r in csv.DictReader(f) if int(float(r[x])) <= keep_up_to]
         with open(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
@@ -377,7 +377,7 @@ def train(
         >>> r.test_error                                                 # doctest: +SKIP
     """
     spec = given = load_spec(spec)  # type: ignore[arg-type]
-    if spec.rl is not None and spec.train is not None:
+    if spec.rl is not None:
         from graftnet.rl import train_rl
 
         return train_rl(spec, Path(run_dir), resume=resume, overwrite=overwrite, progress=progress,  # type: ignore[return-value]

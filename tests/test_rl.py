@@ -17,6 +17,7 @@ from graftnet.models import build_model
 from graftnet.plot import plot_runs, read_metrics
 from graftnet.rl.a2c import Rollout, a2c_loss, n_step_returns
 from graftnet.rl.trainer import build_agent, train_rl
+from graftnet.trainer import train
 
 BREAKOUT = {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": 4, "num_actions": 3}}
 SEAQUEST = {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": 10, "num_actions": 6}}
@@ -144,6 +145,15 @@ def test_a3c_worker_crash_stops_the_run_with_its_error_and_keeps_the_checkpoint(
     assert (run / "checkpoint.safetensors").is_file()
 
 
+def test_a3c_refuses_what_it_cannot_share_before_writing_anything(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "scratch", algorithm="a3c")
+    assert spec.train is not None
+    sgd = spec.model_copy(update={"train": spec.train.model_copy(update={"optimizer": "sgd"})})
+    with pytest.raises(TrainingError, match="shares Adam's statistics"):
+        train_rl(sgd, tmp_path / "sgd", progress=False, tensorboard=False)
+    assert not (tmp_path / "sgd").exists()
+
+
 def test_real_ale_smoke_run(tmp_path: Path) -> None:
     spec = graftnet.load_spec({
         "student": {"model": "graftnet:a3c", "kwargs": {"num_actions": 6}},
@@ -187,6 +197,12 @@ def test_a_student_that_cannot_take_the_observations(tmp_path: Path) -> None:
 def test_wrong_number_of_actions(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="3 actions but"):
         build_agent(_spec(tmp_path, "scratch"), (4, 10, 10), 5)
+
+
+def test_an_rl_spec_without_a_train_section(tmp_path: Path) -> None:
+    spec = graftnet.load_spec({"student": BREAKOUT, "rl": {"env": "MinAtar/Breakout-v1"}})
+    with pytest.raises(SpecError, match="train: graftnet train needs a 'train' section"):
+        train(spec, tmp_path / "x", progress=False, tensorboard=False)
 
 
 def test_rl_methods_are_the_ones_that_apply() -> None:

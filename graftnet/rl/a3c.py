@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import queue
-import statistics
 import time
 import traceback
 from pathlib import Path
@@ -19,31 +18,35 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from graftnet.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from graftnet.checkpoint import CHECKPOINT_NAME
 from graftnet.errors import TrainingError
 from graftnet.graft import GraftedModel
 from graftnet.methods import Method
 from graftnet.rl.a2c import Collector, a2c_update
 from graftnet.rl.envs import env_info, make_env
-from graftnet.rl.trainer import RL_COLUMNS, RLRunResult, _finish, _start_run_dir, build_agent
+from graftnet.rl.trainer import (
+    RL_COLUMNS,
+    RLRunResult,
+    _finish,
+    _restore,
+    _Rows,
+    _saved_run,
+    _start_run_dir,
+    build_agent,
+)
 from graftnet.spec import Spec
 from graftnet.trainer import (
     _catching_signals,
-    _check_run_dir,
     _lr_factor,
     _Metrics,
     _optimizer,
     _p_w_columns,
-    _p_w_row,
     _param_groups,
     _save_run_checkpoint,
     _StopFlag,
-    _unpack,
 )
 
 __all__ = ["train_a3c"]
-
-_STATE = "train_state."
 
 
 def _share_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -105,10 +108,11 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
     """:func:`graftnet.rl.train_rl` with ``rl.algorithm: a3c``."""
     assert spec.rl is not None and spec.train is not None
     rl, t = spec.rl, spec.train
-    saved = None
-    if _check_run_dir(run_dir, spec, resume, overwrite, CHECKPOINT_NAME):
-        tensors, meta = read_checkpoint(run_dir / CHECKPOINT_NAME)
-        saved = {"tensors": tensors, "meta": meta["train_state"]}
+    if t.optimizer != "adam":
+        raise TrainingError("rl.algorithm 'a3c' shares Adam's statistics between workers: set train.optimizer: adam")
+    if t.device != "cpu":
+        raise TrainingError("rl.algorithm 'a3c' runs its workers on CPU: set train.device: cpu, or use algorithm a2c")
+    saved = _saved_run(run_dir, spec, resume, overwrite)
     torch.manual_seed(t.seed)
     shape, actions = env_info(rl.env)
     g, method, example = build_agent(spec, shape, actions)
@@ -120,18 +124,13 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
     optimizer = _optimizer(_param_groups(g, spec, total_updates), spec)
     start_frames, seconds, update = 0, 0.0, 0
     if saved is not None:
+        g = _restore(g, method, optimizer, saved, example)
         meta = saved["meta"]
-        if meta.get("teachers_cut"):
-            g = method.maybe_cut(g, 1.0, example) or g
-        g.load_state_dict({k: v for k, v in saved["tensors"].items() if not k.startswith(_STATE)}, strict=False)
-        _unpack(saved["tensors"], meta, optimizer, method)
         start_frames, seconds, update = meta["frames"], meta["seconds"], meta["step"]
         if meta.get("finished"):
             return _finish(g, spec, run_dir, torch.device("cpu"), start_frames, seconds, method)
     else:
         _start_run_dir(run_dir, spec)
-    if type(optimizer) is not torch.optim.Adam:
-        raise TrainingError("rl.algorithm 'a3c' shares Adam's statistics between workers: set train.optimizer: adam")
     g.share_memory()
     _share_optimizer_state(optimizer)
 
@@ -147,11 +146,9 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
     metrics = _Metrics(run_dir, RL_COLUMNS + p_w_columns, start_frames if saved else None, tensorboard, x="frames")
     ckpt = run_dir / CHECKPOINT_NAME
     flag = _StopFlag()
-    now_frames, logged, cut = start_frames, start_frames, method.cut
-    window: list[float] = []
-    sums: dict[str, float] = {}
-    n_sums, steps_since = 0, 0
-    began = started_window = time.perf_counter()
+    rows = _Rows(metrics, p_w_columns, rl, start_frames)
+    now_frames, cut = start_frames, method.cut
+    began = time.perf_counter()
 
     def save(finished: bool = False) -> None:
         # Hogwild: the workers may be mid-step; the checkpoint holds the shared parameters as they are now.
@@ -164,10 +161,14 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
         with _catching_signals(flag):
             for w in workers:
                 w.start()
-            while any(w.is_alive() for w in workers) or not reports.empty():
+            while True:
                 try:
                     report = reports.get(timeout=0.5)
                 except queue.Empty:
+                    # A worker's reports are in the pipe before it exits: nothing for 0.5 s after all exited is the end
+                    # (Queue.empty() can say True while a report is still in flight).
+                    if all(w.exitcode is not None for w in workers):
+                        break
                     dead = [i for i, w in enumerate(workers) if w.exitcode not in (None, 0)]
                     if dead and failure is None:
                         failure = f"worker {dead[0]} exited with code {workers[dead[0]].exitcode} without a report"
@@ -180,27 +181,15 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
                         failure = f"worker {report[1]} failed:\n{report[2]}"
                     stop.set()
                     continue
-                _, _, now_frames, steps, values, returns, worker_cut = report
+                _, _, reported_frames, steps, values, returns, worker_cut = report
+                now_frames = max(now_frames, reported_frames)  # reports from different workers can cross
                 update += 1
                 cut = cut or worker_cut
-                steps_since += steps
-                window += returns
-                n_sums += 1
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if now_frames - logged >= rl.log_every or now_frames >= rl.frames:
-                    now = time.perf_counter()
-                    row = {
-                        "frames": now_frames, "step": update, "seconds": seconds + now - began,
-                        "steps_per_s": steps_since / max(now - started_window, 1e-9),
-                        "return_mean": statistics.fmean(window) if window else None,
-                        "return_std": statistics.pstdev(window) if window else None,
-                        "episodes": len(window), "lambda1": method.lambda1(now_frames / rl.frames),
-                        "lr": t.lr * _lr_factor(t.schedule, now_frames / rl.frames), "teachers_cut": int(cut),
-                        **{k: sums[k] / n_sums for k in sums}, **_p_w_row(g, p_w_columns),
-                    }  # fmt: skip
-                    metrics.write(row)
-                    window, sums, n_sums, steps_since, started_window, logged = [], {}, 0, 0, now, now_frames
+                rows.add(values, returns, steps)
+                if rows.due(now_frames):
+                    lr = t.lr * _lr_factor(t.schedule, now_frames / rl.frames)
+                    elapsed = seconds + time.perf_counter() - began
+                    rows.write(g, method, frames=now_frames, update=update, seconds=elapsed, lr=lr, cut=cut)
                     save()
                 if flag.signal is not None:
                     stop.set()

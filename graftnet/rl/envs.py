@@ -427,12 +427,16 @@ def _make_gym(env_id: str) -> Any:
     return env
 
 
+def _whole(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum``, or an EnvError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        kind = "a positive" if minimum == 1 else "a non-negative"
+        raise EnvError(f"{name} must be {kind} integer, got {value!r}")
+    return int(value)
+
+
 def _make(env_id: str, num_envs: int, seed: int, *, training: bool, noop_max: int) -> VecEnv:
-    if isinstance(num_envs, bool) or not isinstance(num_envs, int | np.integer) or num_envs < 1:
-        raise EnvError(f"num_envs must be a positive integer, got {num_envs!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise EnvError(f"seed must be a non-negative integer, got {seed!r}")
-    num_envs, seed = int(num_envs), int(seed)
+    num_envs, seed = _whole("num_envs", num_envs, 1), _whole("seed", seed, 0)
     family = _family(env_id)
     if family == "atari":
         return _AtariVecEnv(_atari_games()[env_id], num_envs, seed, training=training, noop_max=noop_max)
@@ -532,11 +536,7 @@ def evaluate(
         >>> len(returns)
         4
     """
-    if isinstance(episodes, bool) or not isinstance(episodes, int | np.integer) or episodes < 1:
-        raise EnvError(f"episodes must be a positive integer, got {episodes!r}")
-    if isinstance(noop_max, bool) or not isinstance(noop_max, int | np.integer) or noop_max < 0:
-        raise EnvError(f"noop_max must be a non-negative integer, got {noop_max!r}")
-    episodes, noop_max = int(episodes), int(noop_max)
+    episodes, noop_max = _whole("episodes", episodes, 1), _whole("noop_max", noop_max, 0)
     family = _family(env_id)
     n = min(episodes, _EVAL_MAX_ENVS)
     quota = np.array([episodes // n + (i < episodes % n) for i in range(n)])

@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from graftnet.checkpoint import CHECKPOINT_NAME, export, read_checkpoint
+from graftnet.checkpoint import CHECKPOINT_NAME, TRAIN_STATE, export, read_checkpoint
 from graftnet.detach import detach, student_dependence
 from graftnet.errors import SpecError, TraceError, TrainingError
 from graftnet.graft import GraftedModel
 from graftnet.methods import METHODS, Method
 from graftnet.models import build_model
 from graftnet.rl.a2c import LOSS_PARTS, Collector, a2c_update, policy_and_value
-from graftnet.rl.envs import EpisodeEnd, evaluate, make_env
-from graftnet.spec import Spec
+from graftnet.rl.envs import evaluate, make_env
+from graftnet.spec import RLSpec, Spec
 from graftnet.trainer import (
     RESULTS_NAME,
     STUDENT_NAME,
@@ -54,7 +54,6 @@ RL_COLUMNS = [
     "frames", "step", "seconds", "steps_per_s", "return_mean", "return_std", "episodes", *LOSS_PARTS, "lambda1",
     "lr", "teachers_cut",
 ]  # fmt: skip
-_STATE = "train_state."
 
 
 @dataclass
@@ -75,6 +74,68 @@ class RLRunResult:
         return statistics.fmean(self.eval_returns) if self.eval_returns else None
 
 
+def _saved_run(run_dir: Path, spec: Spec, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The checkpoint to continue from (``--resume``), after checking the run folder; None to start afresh."""
+    if not _check_run_dir(run_dir, spec, resume, overwrite, CHECKPOINT_NAME):
+        return None
+    tensors, meta = read_checkpoint(run_dir / CHECKPOINT_NAME)
+    return {"tensors": tensors, "meta": meta["train_state"]}
+
+
+def _restore(
+    g: GraftedModel, method: Method, optimizer: torch.optim.Optimizer, saved: dict[str, Any], example: torch.Tensor
+) -> GraftedModel:
+    """The model, optimizer and method state of a checkpoint (with the teachers cut if they were)."""
+    meta = saved["meta"]
+    if meta.get("teachers_cut"):
+        g = method.maybe_cut(g, 1.0, example) or g
+    g.load_state_dict({k: v for k, v in saved["tensors"].items() if not k.startswith(TRAIN_STATE)}, strict=False)
+    _unpack(saved["tensors"], meta, optimizer, method)
+    return g
+
+
+class _Rows:
+    """What the updates since the last metrics row reported; a row every ``rl.log_every`` frames."""
+
+    def __init__(self, metrics: _Metrics, p_w_columns: list[str], rl: RLSpec, frames: int) -> None:
+        self.metrics, self.p_w_columns, self.rl, self.logged = metrics, p_w_columns, rl, frames
+        self._start(time.perf_counter())
+
+    def _start(self, now: float) -> None:
+        self.returns: list[float] = []
+        self.sums: dict[str, float] = {}
+        self.updates, self.steps, self.since = 0, 0, now
+
+    def add(self, values: dict[str, float], returns: list[float], steps: int) -> None:
+        self.updates += 1
+        self.steps += steps
+        self.returns += returns
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def due(self, frames: int) -> bool:
+        return frames - self.logged >= self.rl.log_every or frames >= self.rl.frames
+
+    def write(
+        self, g: GraftedModel, method: Method, *, frames: int, update: int, seconds: float, lr: float, cut: bool
+    ) -> dict[str, Any]:
+        now = time.perf_counter()
+        returns = self.returns
+        row = {
+            "frames": frames, "step": update, "seconds": seconds,
+            "steps_per_s": self.steps / max(now - self.since, 1e-9),
+            "return_mean": statistics.fmean(returns) if returns else None,
+            "return_std": statistics.pstdev(returns) if returns else None,
+            "episodes": len(returns), "lambda1": method.lambda1(frames / self.rl.frames), "lr": lr,
+            "teachers_cut": int(cut), **{k: v / max(self.updates, 1) for k, v in self.sums.items()},
+            **_p_w_row(g, self.p_w_columns),
+        }  # fmt: skip
+        self.metrics.write(row)
+        self.logged = frames
+        self._start(now)
+        return row
+
+
 def _sample_policy(student: nn.Module, device: torch.device) -> Any:
     """The A3C agent's policy: an action sampled from softmax(policy logits)."""
 
@@ -91,18 +152,17 @@ def train_rl(
     tensorboard: bool = True,
 ) -> RLRunResult:  # fmt: skip
     """Train ``spec.student`` in ``spec.rl.env`` with ``spec.train.method``; export and evaluate the student alone."""
-    assert spec.rl is not None and spec.train is not None
-    if spec.student is None:
-        raise SpecError("student: graftnet train needs a 'student' section in the spec")
+    assert spec.rl is not None
+    for section in ("student", "train"):
+        if getattr(spec, section) is None:
+            raise SpecError(f"{section}: graftnet train needs a '{section}' section in the spec")
+    assert spec.train is not None
     rl, t = spec.rl, spec.train
     if rl.algorithm == "a3c":
         from graftnet.rl.a3c import train_a3c
 
         return train_a3c(spec, run_dir, resume=resume, overwrite=overwrite, tensorboard=tensorboard)
-    saved = None
-    if _check_run_dir(run_dir, spec, resume, overwrite, CHECKPOINT_NAME):
-        tensors, meta = read_checkpoint(run_dir / CHECKPOINT_NAME)
-        saved = {"tensors": tensors, "meta": meta["train_state"]}
+    saved = _saved_run(run_dir, spec, resume, overwrite)
     device = _device(t.device)
     if t.threads is not None:
         torch.set_num_threads(t.threads)
@@ -117,26 +177,21 @@ def train_rl(
         total_updates = math.ceil(rl.frames / (steps_per_update * env.frames_per_step))
         optimizer = _optimizer(_param_groups(g, spec, total_updates), spec)
         base_lrs = [group["lr"] for group in optimizer.param_groups]
-        p_w_columns = _p_w_columns(g)
-        update, frames, seconds, logged = 0, 0, 0.0, 0
+        update, frames, seconds = 0, 0, 0.0
         if saved is not None:
+            g = _restore(g, method, optimizer, saved, example.to(device))
             meta = saved["meta"]
-            if meta.get("teachers_cut"):
-                g = method.maybe_cut(g, 1.0, example.to(device)) or g
-            g.load_state_dict({k: v for k, v in saved["tensors"].items() if not k.startswith(_STATE)}, strict=False)
-            _unpack(saved["tensors"], meta, optimizer, method)
-            update, frames, seconds, logged = meta["step"], meta["frames"], meta["seconds"], meta["frames"]
+            update, frames, seconds = meta["step"], meta["frames"], meta["seconds"]
             if meta.get("finished"):
                 return _finish(g, spec, run_dir, device, frames, seconds, method)
         else:
             _start_run_dir(run_dir, spec)
+        p_w_columns = _p_w_columns(g)
         metrics = _Metrics(run_dir, RL_COLUMNS + p_w_columns, frames if saved else None, tensorboard, x="frames")
+        rows = _Rows(metrics, p_w_columns, rl, frames)
         ckpt = run_dir / CHECKPOINT_NAME
         flag = _StopFlag()
         collector = Collector(env, device)
-        window: list[EpisodeEnd] = []
-        sums: dict[str, float] = {}
-        n_sums, steps_since, started_window = 0, 0, time.perf_counter()
 
         def save(finished: bool = False) -> None:
             state = {"step": update, "frames": frames, "seconds": seconds, "teachers_cut": method.cut,
@@ -164,30 +219,15 @@ def train_rl(
                         raise TrainingError(f"{e}. The last good checkpoint is {str(ckpt)!r}") from e
                     update += 1
                     frames += steps * env.frames_per_step
-                    steps_since += steps
-                    window += ended
-                    n_sums += 1
-                    for k, v in values.items():
-                        sums[k] = sums.get(k, 0.0) + v
+                    rows.add(values, [e.episode_return for e in ended], steps)
                     seconds += time.perf_counter() - began
                     if bar is not None:
                         bar.update(steps * env.frames_per_step)
-                    if frames - logged >= rl.log_every or frames >= rl.frames:
-                        now = time.perf_counter()
-                        returns = [e.episode_return for e in window]
-                        row = {
-                            "frames": frames, "step": update, "seconds": seconds,
-                            "steps_per_s": steps_since / max(now - started_window, 1e-9),
-                            "return_mean": statistics.fmean(returns) if returns else None,
-                            "return_std": statistics.pstdev(returns) if returns else None,
-                            "episodes": len(returns), "lambda1": method.lambda1(frames / rl.frames),
-                            "lr": optimizer.param_groups[0]["lr"], "teachers_cut": int(method.cut),
-                            **{k: sums[k] / n_sums for k in sums}, **_p_w_row(g, p_w_columns),
-                        }  # fmt: skip
-                        metrics.write(row)
-                        if bar is not None and returns:
+                    if rows.due(frames):
+                        row = rows.write(g, method, frames=frames, update=update, seconds=seconds,
+                                         lr=optimizer.param_groups[0]["lr"], cut=method.cut)  # fmt: skip
+                        if bar is not None and row["return_mean"] is not None:
                             bar.set_postfix(ret=f"{row['return_mean']:.2f}")
-                        window, sums, n_sums, steps_since, started_window, logged = [], {}, 0, 0, now, frames
                         save(finished=frames >= rl.frames)
                     if flag.signal is not None:
                         save()
