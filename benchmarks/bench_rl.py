@@ -24,8 +24,8 @@ import torch
 import graftnet
 from graftnet.rl.a2c import Collector, a2c_update
 from graftnet.rl.envs import make_env
-from graftnet.rl.trainer import build_agent
-from graftnet.trainer import _optimizer, _param_groups
+from graftnet.rl.runs import build_agent
+from graftnet.training.optim import make_optimizer
 
 ENV = "MinAtar/SpaceInvaders-v1"
 STUDENT = {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": 6, "num_actions": 4}}
@@ -67,22 +67,21 @@ def main() -> None:
     runs = {}
     for name, spec in cases.items():
         env = make_env(ENV, 16, seed=0)
-        g, method, _ = build_agent(spec, env.observation_shape, env.num_actions)
-        g.train()
-        optimizer = _optimizer(_param_groups(g, spec, 10_000), spec)
-        runs[name] = (g, method, Collector(env, device), optimizer, spec, env)
-    teachers = {name: [(t, t.parameters_run, t.parameters_total) for t in run[0].teachers.values()]
+        method, _ = build_agent(spec, env.observation_shape, env.num_actions, total_steps=10_000)
+        method.model.train()
+        assert spec.train is not None
+        optimizer = make_optimizer(method.param_groups(), spec.train)
+        runs[name] = (method, Collector(env, device), optimizer, spec, env)
+    teachers = {name: [(t, t.parameters_run, t.parameters_total) for t in run[0].model.teachers.values()]
                 for name, run in runs.items()}  # fmt: skip
     rates: dict[str, list[float]] = {name: [] for name in cases}
-    step = 0
     for round_ in range(args.rounds + 1):  # round 0 warms up
-        for name, (g, method, collector, optimizer, spec, _) in runs.items():
+        for name, (method, collector, optimizer, spec, _) in runs.items():
             assert spec.rl is not None
             start, steps = time.perf_counter(), 0
             for _ in range(args.updates):
-                _, _, n = a2c_update(g, method, collector, optimizer, spec.rl, 0.3, step)
+                _, _, n = a2c_update(method, collector, optimizer, spec.rl, 0.3)
                 steps += n
-                step += 1
             if round_:
                 rates[name].append(steps / (time.perf_counter() - start))
     for *_, env in runs.values():

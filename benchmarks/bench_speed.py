@@ -7,7 +7,7 @@ run, interleaved in a shuffled order, the median of ``--rounds`` rounds of:
   student step      the plain student: forward, cross-entropy, backward, Adam step;
   teacher NAME      each teacher's forward up to its deepest tap, alone (hand-written: forward hooks that
                     save the taps and stop the forward at the deepest one), without autograd;
-  graftnet step     the knowledge-flow step graftnet's trainer makes (``KnowledgeFlow.loss``): task loss +
+  graftnet step     the knowledge-flow step graftnet's trainer makes (``graftnet.KnowledgeFlow.loss``): task loss +
                     λ1·ℓ_dep through the grafted model, backward, Adam step;
   hand-written step the identical knowledge-flow model written the straightforward eager way: teacher taps by
                     forward hooks, mixing in modules wrapped around the student's activations (same adapters,
@@ -49,8 +49,9 @@ import graftnet
 from graftnet.adapters import MapAdapter
 from graftnet.graft import FrozenTeacher, GraftedModel
 from graftnet.losses import ParameterSnapshot
-from graftnet.methods import KnowledgeFlow, logits_of
 from graftnet.models import build_model
+from graftnet.training.evaluation import logits_of
+from graftnet.training.objectives import KnowledgeFlow
 
 # ---- the cases ------------------------------------------------------------------------------------------------
 
@@ -324,7 +325,7 @@ def run_case(key: str, case: Case, device: torch.device, rounds: int, warmup: in
     plain = copy.deepcopy(student)
     teachers = {name: build_model(t.model, t.kwargs) for name, t in spec.teachers.items()}  # type: ignore[arg-type]
     g = graftnet.graft(student, teachers, spec.graft_part(), example_input=x[:2])
-    kf, kf_no_kl = KnowledgeFlow(spec), KnowledgeFlow(no_kl)
+    kf, kf_no_kl = (KnowledgeFlow(g, s.train, total_steps=1000) for s in (spec, no_kl))
     hand = HandWrittenKnowledgeFlow(g, teachers)
 
     g.eval(), hand.eval()
@@ -335,7 +336,7 @@ def run_case(key: str, case: Case, device: torch.device, rounds: int, warmup: in
     g.train(), hand.train(), plain.train()
     for model in (g, hand, plain):
         model.to(device)
-    kf.snapshot = ParameterSnapshot(g)  # θ_old, as KnowledgeFlow.build makes it, on the device
+    kf.snapshot = ParameterSnapshot(g)  # θ_old, as KnowledgeFlow makes it, on the device
     x, y = x.to(device), y.to(device)
     lam = kf.lambda1(0.5)
     opt_g, opt_hand, opt_plain = (torch.optim.Adam(_trainable(m), lr=1e-4) for m in (g, hand, plain))
@@ -355,11 +356,10 @@ def run_case(key: str, case: Case, device: torch.device, rounds: int, warmup: in
         _step(plain, lambda: F.cross_entropy(logits_of(plain(x)), y), opt_plain)
 
     def graftnet_step() -> None:
-        _step(g, lambda: kf_no_kl.loss(g, x, y, 0.5).total, opt_g)
+        _step(g, lambda: kf_no_kl.loss(x, y, 0.5).total, opt_g)
 
     def graftnet_kl_step() -> None:
-        step = partial(kf.before_step, g, 0)
-        _step(g, lambda: kf.loss(g, x, y, 0.5).total, opt_g, step)
+        _step(g, lambda: kf.loss(x, y, 0.5).total, opt_g, kf.before_step)
 
     def hand_step() -> None:
         _step(hand, lambda: F.cross_entropy(logits_of(hand(x)), y) + lam * hand.dependency_loss(), opt_hand)

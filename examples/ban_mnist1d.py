@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from graftnet.data import task_splits
+from graftnet.launch import train
 from graftnet.spec import load_spec
-from graftnet.trainer import task_splits, train
 
 STUDENT = {"model": "graftnet:cnn1d", "kwargs": {"num_classes": 10, "channels": [32, 32, 32]}}
 DATA = {"dataset": "mnist1d", "kwargs": {"samples": 5000}, "val_size": 500, "batch_size": 64}

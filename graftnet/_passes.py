@@ -15,6 +15,7 @@ from torch import nn
 from graftnet import activations
 from graftnet._names import Activation
 from graftnet._plan import Plan
+from graftnet.errors import TraceError
 
 __all__ = ["fused_pre_activation", "splice_mixers", "truncate_teacher"]
 
@@ -166,7 +167,10 @@ def splice_mixers(
     running = [t for t in plan.teachers if t.runs]
     if running:
         if not placeholders:
-            raise ValueError("the student takes no input for the teachers to read")
+            raise TraceError(
+                "the student's traced forward takes no input, so its teachers have nothing to read (they see the "
+                "student's first input); graft a student whose forward takes the input batch as an argument"
+            )
         anchor = next(n for n in g.nodes if n.op != "placeholder")
         with g.inserting_before(anchor):
             for teacher in running:

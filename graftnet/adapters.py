@@ -7,7 +7,9 @@ returns a module; an input adapter factory takes the student's input shape and i
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graftnet.errors import AdapterError
+from graftnet.errors import AdapterError, GraftError
 from graftnet.registry import Registry
 
 __all__ = [
@@ -185,6 +187,22 @@ def _need_map(key: str, input_shape: Shape) -> None:
         raise AdapterError(f"input adapter {key!r} needs a (C, ...spatial) input, got shape {input_shape}")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# Modes F.interpolate accepts per number of spatial dims, limited to those Resize passes align_corners right for.
+_RESIZE_MODES: dict[int, tuple[str, ...]] = {
+    1: ("linear", "nearest", "area"),
+    2: ("bilinear", "bicubic", "nearest", "area"),
+    3: ("trilinear", "nearest", "area"),
+}
+
+
 @register_input_adapter("identity")
 def _input_identity(input_shape: Shape) -> nn.Module:
     return nn.Identity()
@@ -193,19 +211,38 @@ def _input_identity(input_shape: Shape) -> nn.Module:
 @register_input_adapter("resize")
 def _input_resize(input_shape: Shape, size: Sequence[int], mode: str = "bilinear") -> nn.Module:
     _need_map("resize", input_shape)
-    if len(size) != len(input_shape) - 1:
-        raise AdapterError(f"input adapter 'resize': size {list(size)} must have {len(input_shape) - 1} entries")
+    rank = len(input_shape) - 1
+    if isinstance(size, str) or not isinstance(size, Sequence) or not all(_is_int(s) and s >= 1 for s in size):
+        raise AdapterError(
+            f"input adapter 'resize': size must be a list of {rank} positive integers (the spatial size the "
+            f"teacher expects, e.g. {[224] * rank}), got {size!r}"
+        )
+    if len(size) != rank:
+        raise AdapterError(f"input adapter 'resize': size {list(size)} must have {rank} entries")
+    modes = _RESIZE_MODES[rank]
+    if mode not in modes:
+        raise AdapterError(
+            f"input adapter 'resize': mode {mode!r} does not resize an input with {rank} spatial "
+            f"dim{'s' if rank > 1 else ''} (shape {input_shape}); use one of {', '.join(map(repr, modes))}"
+        )
     return Resize(size, mode)
 
 
 @register_input_adapter("normalize")
 def _input_normalize(input_shape: Shape, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
     _need_map("normalize", input_shape)
+    for name, values in (("mean", mean), ("std", std)):
+        if isinstance(values, str) or not isinstance(values, Sequence) or not all(map(_is_number, values)):
+            raise AdapterError(
+                f"input adapter 'normalize': {name} must be a list of numbers, one per channel, got {values!r}"
+            )
     if not len(mean) == len(std) == input_shape[0]:
         raise AdapterError(
             f"input adapter 'normalize': mean and std need {input_shape[0]} entries (one per channel), "
             f"got {len(mean)} and {len(std)}"
         )
+    if not all(s > 0 for s in std):
+        raise AdapterError(f"input adapter 'normalize': every std must be positive (it divides), got {list(std)}")
     return Normalize(mean, std, rank=len(input_shape) - 1)
 
 
@@ -213,21 +250,58 @@ def _input_normalize(input_shape: Shape, mean: Sequence[float], std: Sequence[fl
 def _input_conv1x1(input_shape: Shape, out_channels: int) -> nn.Module:
     """A learned 1×1 convolution to the teacher's channel count; it trains through the frozen teacher."""
     _need_map("conv1x1", input_shape)
+    if not (_is_int(out_channels) and out_channels >= 1):
+        raise AdapterError(
+            f"input adapter 'conv1x1': out_channels must be a positive integer (the channels the teacher "
+            f"expects), got {out_channels!r}"
+        )
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(input_shape) - 2]
     return conv(input_shape[0], int(out_channels), kernel_size=1)
 
 
-def make_input_adapter(steps: Sequence[tuple[str, dict[str, Any]]], input_shape: Shape) -> nn.Module:
-    """Chain input adapter steps; each step sees the shape the previous one produced."""
+# What a factory or a first run of its module raises for arguments it rejects; named and placed by the caller.
+_STEP_ERRORS = (TypeError, ValueError, RuntimeError, AssertionError, KeyError, IndexError, ZeroDivisionError)
+
+
+def make_input_adapter(
+    steps: Sequence[tuple[str, dict[str, Any]]], input_shape: Shape, *, where: str = "input"
+) -> nn.Module:
+    """Chain input adapter steps; each step sees the shape the previous one produced.
+
+    Args:
+        steps: ``(key, kwargs)`` per step, in order.
+        input_shape: the shape of one input sample (no batch dimension).
+        where: the spec path of the step list (``teachers.NAME.input``); errors start ``where[i]:``.
+
+    Raises:
+        AdapterError: a key is unknown, or a step rejects its arguments or the shape it is given.
+    """
     modules: list[nn.Module] = []
     shape = input_shape
-    for key, kwargs in steps:
-        factory = INPUT_ADAPTERS.get(key)
+    for i, (key, kwargs) in enumerate(steps):
+        at = f"{where}[{i}]"
         try:
+            factory = INPUT_ADAPTERS.get(key)
             module = factory(shape, **kwargs)
-        except TypeError as e:
-            raise AdapterError(f"input adapter {key!r}: bad arguments {kwargs}: {e}") from e
-        with torch.no_grad():
-            shape = tuple(module(torch.zeros(1, *shape)).shape[1:])
+        except AdapterError as e:
+            raise AdapterError(f"{at}: {e}") from e
+        except GraftError:
+            raise
+        except _STEP_ERRORS as e:
+            params = list(inspect.signature(factory).parameters)[1:]
+            raise AdapterError(
+                f"{at}: input adapter {key!r}: bad arguments {kwargs}: {type(e).__name__}: {e} "
+                f"(it takes {', '.join(params) or 'no arguments'})"
+            ) from e
+        try:
+            with torch.no_grad():
+                shape = tuple(module(torch.zeros(1, *shape)).shape[1:])
+        except GraftError:
+            raise
+        except _STEP_ERRORS as e:  # F.interpolate's NotImplementedError is a RuntimeError
+            raise AdapterError(
+                f"{at}: input adapter {key!r} with {kwargs} cannot run on an input of shape {shape}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
         modules.append(module)
     return modules[0] if len(modules) == 1 else nn.Sequential(*modules)

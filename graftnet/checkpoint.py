@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftnet._version import __version__
 from graftnet.errors import CheckpointError, GraftError
 from graftnet.graft import GraftedModel, graft
 from graftnet.spec import Spec, load_spec
@@ -110,8 +111,6 @@ def save_checkpoint(
 
 
 def _version() -> str:
-    from graftnet import __version__
-
     return __version__
 
 

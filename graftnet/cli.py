@@ -5,19 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from graftnet.errors import GraftError
-
-if TYPE_CHECKING:
-    from graftnet.rl.trainer import RLRunResult
 
 __all__ = ["main"]
 
@@ -107,7 +103,7 @@ def _with_overrides(path: str, overrides: Sequence[str]) -> Any:
 def _train(args: argparse.Namespace) -> int:
     import signal
 
-    from graftnet.trainer import train
+    from graftnet.launch import train
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.spec).stem
     spec = _with_overrides(args.spec, args.set)
@@ -115,57 +111,12 @@ def _train(args: argparse.Namespace) -> int:
                    tensorboard=not args.no_tensorboard)  # fmt: skip
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for every process
         return 128 + int(signal.Signals[result.interrupted]) if result.interrupted else 0
-    from graftnet.rl.trainer import RLRunResult
-
-    if isinstance(result, RLRunResult):
-        return _print_rl(result, args.spec, out)
     if result.interrupted:
-        print(f"{result.interrupted}: stopped at epoch {result.epochs}; the checkpoint is saved in {out}. "
+        print(f"{result.interrupted}: stopped at {result.progress}; the checkpoint is saved in {out}. "
               f"Continue with: graftnet train {args.spec} --out {out} --resume", file=sys.stderr)  # fmt: skip
         return 128 + int(signal.Signals[result.interrupted])
-    ban = out / "results.json"
-    if result.run_dir != out and ban.is_file():  # a ban run: one folder per generation
-        _print_ban(json.loads(ban.read_text()), out)
-        return 0
-    out = result.run_dir
-    print(f"run {out}: {result.method}, {result.epochs} epochs in {result.seconds:.1f} s")
-    if result.min_p_w_student is not None:
-        forced = " — exported anyway (forced): the student alone loses what the teachers still gave" if (
-            result.forced_export) else ""  # fmt: skip
-        print(f"  min p_w(student) over sites: {result.min_p_w_student:.6f}{forced}")
-    print(f"  exported student: {out / 'student.safetensors'}")
-    print(f"  student alone: validation error {result.val_error:.2f}%, test error {result.test_error:.2f}%")
+    print("\n".join(result.summary()))
     return 0
-
-
-def _print_rl(result: RLRunResult, spec: str, out: Path) -> int:
-    import signal
-
-    if result.interrupted:
-        print(f"{result.interrupted}: stopped at {result.frames:,} frames; the checkpoint is saved in {out}. "
-              f"Continue with: graftnet train {spec} --out {out} --resume", file=sys.stderr)  # fmt: skip
-        return 128 + int(signal.Signals[result.interrupted])
-    print(f"run {out}: {result.method}, {result.frames:,} frames in {result.seconds:.1f} s")
-    if result.min_p_w_student is not None:
-        forced = " — exported anyway (forced)" if result.forced_export else ""
-        print(f"  min p_w(student) over sites: {result.min_p_w_student:.6f}{forced}")
-    print(f"  exported student: {out / 'student.safetensors'}")
-    returns = result.eval_returns
-    spread = f" ± {statistics.pstdev(returns):.2f}" if len(returns) > 1 else ""
-    print(f"  student alone: mean return {statistics.fmean(returns):.2f}{spread} over {len(returns)} episodes")
-    return 0
-
-
-def _print_ban(results: dict[str, Any], out: Path) -> None:
-    print(f"born-again sequence in {out} ({results['treatment']}); errors (%) of each exported student alone:")
-    print("| generation | val error | test error |")
-    print("| --- | --- | --- |")
-    for g in results["generations"]:
-        print(f"| gen{g['generation']} | {g['val_error']:.2f} | {g['test_error']:.2f} |")
-    for e in results["ensembles"]:
-        members = "+".join(f"gen{k}" for k in e["members"])
-        print(f"| ensemble {members} | {e['val_error']:.2f} | {e['test_error']:.2f} |")
-    print(f"best generation by validation error: gen{results['best_generation_by_validation']}")
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -247,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.version:
-        from graftnet import __version__
+        from graftnet._version import __version__
 
         print(__version__)
         return 0

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from graftnet.data import Splits
+from graftnet.data import Splits, task_splits
+from graftnet.launch import train
 from graftnet.spec import Spec, load_spec
-from graftnet.trainer import RunResult, task_splits, train
+from graftnet.training.results import RunResult
 
 __all__ = ["DemoConfig", "MethodSummary", "demo"]
 

@@ -1,4 +1,4 @@
-"""Data-parallel training under ``torchrun`` (DESIGN.md §9): gloo on CPU, nccl on GPU.
+"""Devices and data-parallel training under ``torchrun``: gloo on CPU, nccl on GPU.
 
 ``torchrun --nproc_per_node N -m graftnet train SPEC`` starts N processes with ``RANK``/``WORLD_SIZE`` set;
 :func:`setup` joins them into a process group. Each process takes every N-th sample of each global batch
@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from graftnet.errors import TrainingError
+from graftnet.errors import SpecError, TrainingError
 
-__all__ = ["World", "setup", "wrap"]
+__all__ = ["World", "resolve_device", "setup", "wrap"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +89,16 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device: ``auto`` is CUDA when available; CUDA asked for without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SpecError(f"train.device: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"train.device: {name!r} asked for, but this machine has no CUDA device (use cpu or auto)")
+    return device

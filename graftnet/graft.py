@@ -220,7 +220,7 @@ def _teacher_modules(teachers: Mapping[str, nn.Module] | None, spec: Spec) -> di
                 raise SpecError(
                     f"teachers.{name}.model: no teacher module was passed to graft(), so the spec must name its model"
                 )
-            built[name] = build_model(ref.model, ref.kwargs, ref.weights)
+            built[name] = build_model(ref.model, ref.kwargs, ref.weights, where=f"teachers.{name}")
         return built
     missing = sorted(set(spec.teachers) - set(teachers))
     if missing:
@@ -271,7 +271,7 @@ def graft(
     if student is None:
         if spec.student is None:
             raise SpecError("student: graft() got no student module, so the spec must name its model")
-        student = build_model(spec.student.model, spec.student.kwargs, spec.student.weights)
+        student = build_model(spec.student.model, spec.student.kwargs, spec.student.weights, where="student")
     if not isinstance(student, nn.Module):
         raise GraftError(f"the student is a {type(student).__name__}, not a torch.nn.Module")
     teacher_modules = _teacher_modules(teachers, spec)
@@ -284,7 +284,8 @@ def graft(
         t_example = example[:1]
         steps = spec.teachers[name].input if name in spec.teachers else []
         if steps:
-            adapter = make_input_adapter([(s.adapter, dict(s.kwargs)) for s in steps], tuple(example[0].shape[1:]))
+            pairs = [(s.adapter, dict(s.kwargs)) for s in steps]
+            adapter = make_input_adapter(pairs, tuple(example[0].shape[1:]), where=f"teachers.{name}.input")
             input_adapters[name] = adapter
             with training_mode(adapter, False), torch.no_grad():
                 t_example = (adapter(example[0]),)

@@ -32,8 +32,21 @@ __all__ = [
     "TeacherSpec",
     "TrainSpec",
     "load_spec",
+    "register_method_name",
     "schema",
 ]
+
+
+# The names ``train.method`` accepts. The objectives themselves live in graftnet.training (which needs torch);
+# registering one there adds its name here, so that validating a spec never imports torch.
+_METHOD_NAMES: set[str] = {"scratch", "finetune", "kd", "knowledge_flow", "born_again", "ban"}
+
+
+def register_method_name(name: str) -> None:
+    """Let ``train.method`` accept ``name`` (called by :func:`graftnet.register_method`)."""
+    if not name.isidentifier():
+        raise SpecError(f"a training method's name must be an identifier (letters, digits, _), got {name!r}")
+    _METHOD_NAMES.add(name)
 
 
 class _Strict(BaseModel):
@@ -58,7 +71,10 @@ class ModelSpec(_Strict):
 
     model: str = Field(description="Model reference, e.g. 'timm:resnet18' or 'mypkg.nets:build'.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the constructor.")
-    weights: str | None = Field(None, description="A .safetensors file loaded with strict=True after building.")
+    weights: str | None = Field(
+        None, description="Trained weights loaded with strict=True after building: .safetensors, or a state dict in "
+        ".pth/.pt/.bin read with torch.load(weights_only=True); relative to the working directory."
+    )
 
     _model_ref = field_validator("model")(_check_model_ref)
 
@@ -131,7 +147,10 @@ class MixingSpec(_Strict):
 class DataSpec(_Strict):
     """The task: a registered dataset, the classes kept, and how its training split is divided."""
 
-    dataset: str = Field(description="Registered dataset: digits, mnist1d, cifar10, cifar100, svhn, mnist, ...")
+    dataset: str = Field(
+        description="Registered dataset (digits, mnist1d, imagefolder, cifar10, cifar100, svhn, mnist, ...) or "
+        "'package.module:callable' returning the splits — that imports and runs your code, like a model reference."
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Dataset options: root, download, samples ...")
     classes: list[int] | None = Field(None, description="Keep only these classes, relabelled 0..k-1 in this order.")
     label_map: dict[int, int] | None = Field(None, description="Explicit {original: new} labels for kept classes.")
@@ -191,9 +210,14 @@ class KDSpec(_Strict):
 
 
 class FinetuneSpec(_Strict):
-    """Start the student from a teacher's weights wherever names and shapes match (the head usually does not)."""
+    """Start the student from a teacher's weights wherever names and shapes match, except under ``reinit``."""
 
     teacher: str = Field(description="The teacher (a key of 'teachers') to copy weights from.")
+    reinit: list[str] = Field(
+        default_factory=list,
+        description="Student module paths that keep their fresh initialisation, e.g. ['head'] for a new "
+        "classifier (default none: every tensor whose name and shape match is copied, the head too).",
+    )
 
 
 Treatment = Literal["ban", "ban_l", "cwtm", "dkpp"]
@@ -238,7 +262,11 @@ class BANSpec(_Strict):
 class TrainSpec(_Strict):
     """How a student is trained: the method, the budget, the optimiser and the knowledge-flow schedule."""
 
-    method: Literal["scratch", "finetune", "kd", "knowledge_flow", "born_again", "ban"] = "knowledge_flow"
+    method: str = Field(
+        "knowledge_flow",
+        description="A registered training method: scratch, finetune, kd, knowledge_flow, born_again, ban, or one "
+        "added with graftnet.register_method.",
+    )
     epochs: int = Field(30, ge=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0.0, description="Learning rate of the student.")
@@ -271,6 +299,16 @@ class TrainSpec(_Strict):
     born_again: BornAgainSpec | None = None
     ban: BANSpec | None = None
     label: str | None = Field(None, description="Name of the run in plots and tables (default: the folder name).")
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, method: str) -> str:
+        if method not in _METHOD_NAMES:
+            raise ValueError(
+                f"unknown training method {method!r}; registered: {', '.join(sorted(_METHOD_NAMES))} "
+                "(add one with graftnet.register_method)"
+            )
+        return method
 
 
 class RLSpec(_Strict):

@@ -12,11 +12,11 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 import graftnet
-from graftnet.ban import ensemble_errors, generation_spec
 from graftnet.data import Splits, TensorData
 from graftnet.errors import TrainingError
+from graftnet.launch import train
 from graftnet.losses import cwtm_loss, cwtm_weights, dkpp_targets, ensemble_probs, soft_cross_entropy
-from graftnet.trainer import train
+from graftnet.training.ban import ensemble_errors, generation_spec
 
 # ---- the math -------------------------------------------------------------------------------------------------
 
@@ -126,7 +126,9 @@ def test_generations_start_fresh_with_their_own_seeds(tmp_path: Path) -> None:
 @pytest.mark.parametrize("treatment", ["ban", "ban_l", "cwtm", "dkpp"])
 def test_a_ban_sequence_trains_each_generation_from_the_previous(tmp_path: Path, treatment: str) -> None:
     result = train(_ban_spec(treatment=treatment), tmp_path / "run", progress=False, tensorboard=False)
-    assert result.run_dir == tmp_path / "run" / "gen2"
+    assert result.run_dir == tmp_path / "run" and result.method == "ban"  # one result for the whole sequence
+    assert [g["generation"] for g in result.generations] == [0, 1, 2] and result.treatment == treatment
+    assert result.test_error == result.generations[-1]["test_error"]
     summary = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [g["generation"] for g in summary["generations"]] == [0, 1, 2]
     assert [e["members"] for e in summary["ensembles"]] == [[1, 2]]

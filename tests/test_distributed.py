@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from graftnet.checkpoint import read_checkpoint
+from graftnet.launch import train
 from graftnet.models import build_model
-from graftnet.trainer import train
 
 MLP = {"model": "graftnet:mlp", "kwargs": {"in_features": 64, "hidden": [32, 32], "num_classes": 4}}
 

@@ -12,12 +12,13 @@ from safetensors.torch import load_file, save_file
 
 import graftnet
 from graftnet.errors import EnvError, SpecError, TraceError, TrainingError
-from graftnet.methods import METHODS
+from graftnet.launch import train
 from graftnet.models import build_model
 from graftnet.plot import plot_runs, read_metrics
 from graftnet.rl.a2c import Rollout, a2c_loss, n_step_returns
-from graftnet.rl.trainer import build_agent, train_rl
-from graftnet.trainer import train
+from graftnet.rl.runs import build_agent
+from graftnet.rl.trainer import train_rl
+from graftnet.training.objectives import METHODS
 
 BREAKOUT = {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": 4, "num_actions": 3}}
 SEAQUEST = {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": 10, "num_actions": 6}}
@@ -60,14 +61,15 @@ def test_n_step_returns_bootstrap_and_stop_at_episode_ends() -> None:
 
 def test_eq4_loss_trains_student_logits_and_adapters_and_kl_needs_an_old_snapshot(tmp_path: Path) -> None:
     spec = _spec(tmp_path)
-    g, method, _ = build_agent(spec, (4, 10, 10), 3)
+    method, _ = build_agent(spec, (4, 10, 10), 3, total_steps=100)
+    g = method.model
     g.train()
     torch.manual_seed(0)
     t, n = 5, 4
     rollout = Rollout(torch.rand(t, n, 4, 10, 10).round(), torch.randint(0, 3, (t, n)), torch.rand(t, n),
                       torch.zeros(t, n, dtype=torch.bool), torch.rand(n, 4, 10, 10).round())  # fmt: skip
     assert spec.rl is not None
-    total, parts = a2c_loss(g, method, rollout, spec.rl, 0.5, torch.device("cpu"))
+    total, parts = a2c_loss(method, rollout, spec.rl, 0.5, torch.device("cpu"))
     assert set(parts) == {"loss", "policy_loss", "value_loss", "entropy", "dep_loss", "kl_loss"}
     assert float(parts["kl_loss"].detach()) == pytest.approx(0.0, abs=1e-5)  # θ_old = θ before any step
     total.backward()
@@ -75,9 +77,8 @@ def test_eq4_loss_trains_student_logits_and_adapters_and_kl_needs_an_old_snapsho
     assert g.input_adapters["seaquest"].weight.grad is not None  # the learned 1×1 input adapter trains
     assert all(p.grad is None for p in g.teachers.parameters())
     opt = torch.optim.SGD([p for p in g.parameters() if p.requires_grad], lr=0.5)
-    method.before_step(g, 0)
-    opt.step()
-    _, parts = a2c_loss(g, method, rollout, spec.rl, 0.5, torch.device("cpu"))
+    method.step(opt)
+    _, parts = a2c_loss(method, rollout, spec.rl, 0.5, torch.device("cpu"))
     assert float(parts["kl_loss"].detach()) > 1e-4
 
 
@@ -108,7 +109,7 @@ def test_a2c_baselines_run(tmp_path: Path, method: str) -> None:
 
 
 def test_finetune_starts_from_the_teacher_where_shapes_match(tmp_path: Path) -> None:
-    g, _, _ = build_agent(_spec(tmp_path, "finetune"), (4, 10, 10), 3)
+    g = build_agent(_spec(tmp_path, "finetune"), (4, 10, 10), 3)[0].model
     teacher = load_file(_teacher(tmp_path))
     own = g.student.state_dict()
     assert torch.equal(own["fc.weight"], teacher["fc.weight"])  # same shape: copied

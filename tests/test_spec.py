@@ -107,7 +107,7 @@ def _random_weights(spec: Spec) -> Spec:
 @pytest.mark.parametrize("path", SPECS, ids=[str(p.relative_to(SPEC_DIR)) for p in SPECS])
 def test_bundled_specs_resolve_with_random_weights(path: Path) -> None:
     from graftnet.data import DATASETS
-    from graftnet.methods import METHODS
+    from graftnet.training.objectives import METHODS
 
     spec = _random_weights(load_spec(path))
     assert isinstance(spec, Spec)

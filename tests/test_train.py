@@ -19,10 +19,11 @@ from safetensors.torch import load_file, save_file
 import graftnet
 from graftnet.checkpoint import read_checkpoint
 from graftnet.errors import DataError, ModelSourceError, SpecError, TrainingError
+from graftnet.launch import train
 from graftnet.losses import ParameterSnapshot, RngState, kd_loss, kl_to_old, lambda1_at
-from graftnet.methods import METHODS, KnowledgeFlow
 from graftnet.models import build_model
-from graftnet.trainer import _param_groups, train
+from graftnet.training.evaluation import evaluate
+from graftnet.training.objectives import METHODS, KnowledgeFlow
 
 CNN = {"model": "graftnet:cnn1d", "kwargs": {"num_classes": 3, "channels": [8, 8]}}
 DATA = {"dataset": "mnist1d", "kwargs": {"samples": 600}, "classes": [0, 1, 2], "train_size": 96, "val_size": 40,
@@ -51,7 +52,7 @@ def _spec(tmp_path: Path, method: str = "knowledge_flow", **train: Any) -> dict[
     return spec
 
 
-def _run(spec: dict[str, Any], run_dir: Path, **kwargs: Any) -> graftnet.trainer.RunResult:
+def _run(spec: dict[str, Any], run_dir: Path, **kwargs: Any) -> graftnet.RunResult:
     kwargs.setdefault("progress", False)
     kwargs.setdefault("tensorboard", False)
     return train(spec, run_dir, **kwargs)
@@ -87,35 +88,34 @@ def test_kl_to_old_is_zero_at_equal_parameters_and_pulls_toward_old() -> None:
 
 def test_snapshot_holds_the_parameters_before_the_last_step(tmp_path: Path) -> None:
     spec = graftnet.load_spec(_spec(tmp_path)).model_copy(update={"input_shape": [1, 40]})
-    method = KnowledgeFlow(spec)
-    g = method.build(build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40))
+    method = KnowledgeFlow.from_spec(spec, build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40))
+    g = method.model
     assert method.snapshot is not None
     names = set(method.snapshot.tensors)
     assert any(n.startswith("mixing.") and n.endswith("logits") for n in names)  # w, Q and student all kept
     assert any(n.startswith("student.") for n in names)
     opt = torch.optim.SGD([p for p in g.parameters() if p.requires_grad], lr=0.1)
     x, y = torch.randn(8, 1, 40), torch.randint(0, 3, (8,))
-    for step in range(2):
+    for _ in range(2):
         before = {n: p.detach().clone() for n, p in g.named_parameters() if p.requires_grad}
-        loss = method.loss(g, x, y, 0.9)
+        loss = method.loss(x, y, 0.9)
         opt.zero_grad()
         loss.total.backward()
-        method.before_step(g, step)
-        opt.step()
+        method.step(opt)
         for n, t in method.snapshot.tensors.items():
             assert torch.equal(t, before[n]), n
     # after two real steps θ_old differs from θ, so the KL term is positive and has a gradient
-    loss = method.loss(g, x, y, 0.9)
+    loss = method.loss(x, y, 0.9)
     assert float(loss.parts["kl_loss"].detach()) > 0
 
 
 def test_teachers_run_once_per_batch_for_both_passes(tmp_path: Path) -> None:
     spec = graftnet.load_spec(_spec(tmp_path, lambda2=1.0)).model_copy(update={"input_shape": [1, 40]})
-    method = KnowledgeFlow(spec)
-    g = method.build(build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40))
+    method = KnowledgeFlow.from_spec(spec, build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40))
+    g = method.model
     calls = []
     g.teachers["t"].body.register_forward_hook(lambda *a: calls.append(1))
-    method.loss(g, torch.randn(8, 1, 40), torch.randint(0, 3, (8,)), 0.5)
+    method.loss(torch.randn(8, 1, 40), torch.randint(0, 3, (8,)), 0.5)
     assert len(calls) == 1
     g(torch.randn(8, 1, 40))  # outside the loss, teachers run again: nothing stale is reused
     assert len(calls) == 2
@@ -123,8 +123,8 @@ def test_teachers_run_once_per_batch_for_both_passes(tmp_path: Path) -> None:
 
 def test_kl_pass_leaves_buffers_alone(tmp_path: Path) -> None:
     spec = graftnet.load_spec(_spec(tmp_path)).model_copy(update={"input_shape": [1, 40]})
-    method = KnowledgeFlow(spec)
-    g = method.build(build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40))
+    method = KnowledgeFlow.from_spec(spec, build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40))
+    g = method.model
     x = torch.randn(8, 1, 40)
     g(x)  # one ordinary training pass
     buffers = {n: b.clone() for n, b in g.named_buffers()}
@@ -155,8 +155,11 @@ def test_kl_pass_replays_the_dropout_masks() -> None:
 def test_learning_rates_are_separate(tmp_path: Path) -> None:
     spec = graftnet.load_spec(_spec(tmp_path, lr=1e-3, lr_mixing=5e-2, lr_adapters=2e-3, weight_decay=1e-4))
     spec = spec.model_copy(update={"input_shape": [1, 40]})
-    g = METHODS.get("knowledge_flow")(spec).build(build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40))
-    groups = {grp["name"]: grp for grp in _param_groups(g, spec, 100)}
+    method = METHODS.get("knowledge_flow").from_spec(
+        spec, build_model(CNN["model"], CNN["kwargs"]), torch.randn(4, 1, 40), total_steps=100
+    )
+    g = method.model
+    groups = {grp["name"]: grp for grp in method.param_groups()}
     assert groups["student"]["lr"] == 1e-3 and groups["mixing"]["lr"] == 5e-2
     assert groups["mixing"]["weight_decay"] == 0.0 and groups["student"]["weight_decay"] == 1e-4
     assert all(p.ndim == 1 for p in groups["mixing"]["params"])  # the logits w only
@@ -168,9 +171,8 @@ def test_learning_rates_are_separate(tmp_path: Path) -> None:
 
 def test_finetune_starts_from_the_teacher(tmp_path: Path) -> None:
     spec = graftnet.load_spec(_spec(tmp_path, "finetune")).model_copy(update={"input_shape": [1, 40]})
-    method = METHODS.get("finetune")(spec)
     student = build_model(CNN["model"], CNN["kwargs"])
-    method.build(student, torch.randn(4, 1, 40))
+    METHODS.get("finetune").from_spec(spec, student, torch.randn(4, 1, 40))
     teacher = load_file(spec.teachers["t"].weights)
     assert all(torch.equal(student.state_dict()[k], v) for k, v in teacher.items())
 
@@ -201,7 +203,7 @@ def test_every_method_trains_and_exports_a_plain_student(tmp_path: Path, method:
     assert saved["test_error"] == pytest.approx(result.test_error)
     # the reported error is the exported student's, evaluated alone
     splits = graftnet.data.make_splits(**{k: v for k, v in _data_args().items()})
-    _, acc = graftnet.trainer.evaluate(fresh, splits.test, 512, torch.device("cpu"))
+    _, acc = evaluate(fresh, splits.test, 512, torch.device("cpu"))
     assert result.test_error == pytest.approx(100 * (1 - acc))
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 4
@@ -298,9 +300,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     original = METHODS.get("scratch")
 
     class Spy(original):  # type: ignore[misc,valid-type]
-        def build(self, student: torch.nn.Module, example: torch.Tensor) -> Any:
+        @classmethod
+        def from_spec(cls, spec: Any, student: torch.nn.Module, example: torch.Tensor, **kwargs: Any) -> Any:
             holder["model"] = student
-            return super().build(student, example)
+            return super().from_spec(spec, student, example, **kwargs)
 
     METHODS.add("scratch", Spy, overwrite=True)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from graftnet.data import Source, TensorData, register_dataset
+from graftnet.data.sources import Source, TensorData, register_dataset
 from graftnet.errors import DataError
 
 

@@ -24,7 +24,7 @@ wrong); with ``download=True`` torchvision's checksums decide whether to fetch a
 they mean something.
 
 Examples:
-    >>> from graftnet.data import make_splits
+    >>> from graftnet.data.sources import make_splits
     >>> s = make_splits("cifar10", {"root": "data"}, val_size=5000)  # doctest: +SKIP
     >>> s.train[0][0].shape, s.num_classes  # doctest: +SKIP
     (torch.Size([3, 32, 32]), 10)
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from graftnet.data import Source, register_dataset
+from graftnet.data.sources import Source, register_dataset
 from graftnet.errors import DataError
 
 Root = str | os.PathLike[str]

@@ -3,6 +3,6 @@
 Needs the ``rl`` extra (gymnasium, ale-py) and, for MinAtar, the ``minatar`` extra (GPL-3.0).
 """
 
-from graftnet.rl.trainer import RLRunResult, train_rl
+from graftnet.rl.trainer import train_rl
 
-__all__ = ["RLRunResult", "train_rl"]
+__all__ = ["train_rl"]

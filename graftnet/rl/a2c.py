@@ -14,11 +14,9 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from graftnet.errors import TrainingError
-from graftnet.graft import GraftedModel
-from graftnet.losses import RngState, kl_to_old
-from graftnet.methods import KnowledgeFlow, Method
 from graftnet.rl.envs import EpisodeEnd, VecEnv
 from graftnet.spec import RLSpec
+from graftnet.training.objectives import Objective
 
 __all__ = ["Collector", "Rollout", "a2c_loss", "a2c_update", "n_step_returns", "policy_and_value"]
 
@@ -90,10 +88,16 @@ def n_step_returns(rewards: torch.Tensor, dones: torch.Tensor, last_value: torch
     return returns
 
 
+def _policy_logits(out: object) -> torch.Tensor:
+    return policy_and_value(out)[0]
+
+
 def a2c_loss(
-    g: GraftedModel, method: Method, rollout: Rollout, rl: RLSpec, progress: float, device: torch.device
+    objective: Objective, rollout: Rollout, rl: RLSpec, progress: float, device: torch.device
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The actor-critic loss of one rollout; with knowledge flow, plus λ1·ℓ_dep and λ2·KL(π_θ ‖ π_θold)."""
+    """The actor-critic loss of one rollout, plus the objective's regularizer on the policy (eq. 4 for
+    knowledge flow: λ1·ℓ_dep + λ2·KL(π_θ ‖ π_θold))."""
+    g = objective.grafted
     with torch.no_grad():
         _, last_value = policy_and_value(g(rollout.last_obs.to(device)))
     t, n = rollout.actions.shape
@@ -102,10 +106,8 @@ def a2c_loss(
     clip = rl.clip_rewards if rl.clip_rewards is not None else rl.env.startswith("ALE/")
     rewards = rollout.rewards.clamp(-1.0, 1.0) if clip else rollout.rewards
     returns = n_step_returns(rewards, rollout.dones, last_value.cpu(), rl.gamma).reshape(-1).to(device)
-    snapshot = method.snapshot if isinstance(method, KnowledgeFlow) else None
-    rng = RngState.capture(device) if snapshot is not None else None
     with g.reusing_teacher_features():  # the θ_old pass reads the same teacher taps
-        logits, values = policy_and_value(g(obs))
+        logits, values = policy_and_value(objective.forward(obs))
         log_p = F.log_softmax(logits, dim=-1)
         advantage = (returns - values).detach()
         policy_loss = -(log_p.gather(1, actions[:, None]).squeeze(1) * advantage).mean()
@@ -113,35 +115,29 @@ def a2c_loss(
         value_loss = 0.5 * (returns - values).pow(2).mean()
         parts = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy}
         total = policy_loss - rl.entropy * entropy + rl.value_coef * value_loss
-        if isinstance(method, KnowledgeFlow) and not method.cut:
-            dep = g.dependency_loss()
-            parts["dep_loss"] = dep
-            total = total + method.lambda1(progress) * dep
-        if snapshot is not None:
-            old_logits, _ = policy_and_value(snapshot.outputs(g, obs, rng))
-            kl = kl_to_old(logits, old_logits)
-            parts["kl_loss"] = kl
-            total = total + method.train_spec.lambda2 * kl
+        terms, extra = objective.regularizer(obs, logits, progress, head=_policy_logits)
+        for term in terms:
+            total = total + term
+        parts.update(extra)
     return total, {"loss": total, **parts}
 
 
 def a2c_update(
-    g: GraftedModel, method: Method, collector: Collector, optimizer: torch.optim.Optimizer, rl: RLSpec,
-    progress: float, step: int,
-) -> tuple[dict[str, float], list[EpisodeEnd], int]:  # fmt: skip
+    objective: Objective, collector: Collector, optimizer: torch.optim.Optimizer, rl: RLSpec, progress: float
+) -> tuple[dict[str, float], list[EpisodeEnd], int]:
     """Collect one rollout, take one optimizer step on its loss; returns the loss parts, ended games, agent steps."""
-    rollout, ended = collector.collect(g, rl.rollout)
-    total, parts = a2c_loss(g, method, rollout, rl, progress, collector.device)
+    rollout, ended = collector.collect(objective.model, rl.rollout)
+    total, parts = a2c_loss(objective, rollout, rl, progress, collector.device)
     # one device-to-host copy for the finiteness check and every logged number
     values = dict(zip(parts, torch.stack([v.detach().float() for v in parts.values()]).tolist(), strict=True))
     if not math.isfinite(values["loss"]):
         raise TrainingError(
-            f"the loss is not finite at update {step + 1} ({values}); lower train.lr or train.lambda1.final"
+            f"the loss is not finite at update {objective.steps + 1} ({values}); lower train.lr or "
+            "train.lambda1.final"
         )
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if rl.max_grad_norm is not None:
-        nn.utils.clip_grad_norm_([p for p in g.parameters() if p.requires_grad], rl.max_grad_norm)
-    method.before_step(g, step)
-    optimizer.step()
+        nn.utils.clip_grad_norm_([p for p in objective.model.parameters() if p.requires_grad], rl.max_grad_norm)
+    objective.step(optimizer)
     return values, ended, rollout.steps

@@ -18,33 +18,18 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from graftnet.checkpoint import CHECKPOINT_NAME
 from graftnet.errors import TrainingError
-from graftnet.graft import GraftedModel
-from graftnet.methods import Method
 from graftnet.rl.a2c import Collector, a2c_update
 from graftnet.rl.envs import env_info, make_env
-from graftnet.rl.trainer import (
-    RL_COLUMNS,
-    RLRunResult,
-    _finish,
-    _restore,
-    _Rows,
-    _saved_run,
-    _start_run_dir,
-    build_agent,
-)
+from graftnet.rl.runs import RL_COLUMNS, ReturnLog, build_agent, finish_rl
 from graftnet.spec import Spec
-from graftnet.trainer import (
-    _catching_signals,
-    _lr_factor,
-    _Metrics,
-    _optimizer,
-    _p_w_columns,
-    _param_groups,
-    _save_run_checkpoint,
-    _StopFlag,
-)
+from graftnet.training.metrics import MetricsLog, p_w_columns
+from graftnet.training.objectives import Objective
+from graftnet.training.optim import lr_factor, make_optimizer, set_lr
+from graftnet.training.results import RunResult
+from graftnet.training.run_dir import CHECKPOINT_NAME, check_run_dir, start_run_dir
+from graftnet.training.signals import StopFlag, catching_signals
+from graftnet.training.state import load_run, restore, save_run
 
 __all__ = ["train_a3c"]
 
@@ -64,7 +49,7 @@ def _share_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _worker(
-    rank: int, spec: Spec, g: GraftedModel, method: Method, optimizer: torch.optim.Optimizer, example: torch.Tensor,
+    rank: int, spec: Spec, objective: Objective, optimizer: torch.optim.Optimizer, example: torch.Tensor,
     frames: Any, stop: Any, reports: Any,
 ) -> None:  # fmt: skip
     """One A3C learner: its own environments and RNG, the shared model and optimizer."""
@@ -78,24 +63,21 @@ def _worker(
         env = make_env(rl.env, rl.num_envs, t.seed * 1000 + rank * rl.num_envs + 1, training=True)
         collector = Collector(env, device)
         base_lrs = [group["lr"] for group in optimizer.param_groups]
-        step = 0
+        objective.steps = 0  # this worker's own updates: the θ_old refresh counts them
         while not stop.is_set():
             with frames.get_lock():
                 done_frames = frames.value
             if done_frames >= rl.frames:
                 break
             progress = done_frames / rl.frames
-            cut = method.maybe_cut(g, progress, example)
-            if cut is not None:
-                g = cut.train()
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * _lr_factor(t.schedule, progress)
-            values, ended, steps = a2c_update(g, method, collector, optimizer, rl, progress, step)
-            step += 1
+            if objective.maybe_cut(progress, example) is not None:
+                objective.model.train()
+            set_lr(optimizer, base_lrs, t.schedule, progress)
+            values, ended, steps = a2c_update(objective, collector, optimizer, rl, progress)
             with frames.get_lock():
                 frames.value += steps * env.frames_per_step
                 now = frames.value
-            reports.put(("update", rank, now, steps, values, [e.episode_return for e in ended], method.cut))
+            reports.put(("update", rank, now, steps, values, [e.episode_return for e in ended], objective.cut))
     except BaseException:  # noqa: BLE001 - every failure must reach the main process, which stops the run
         reports.put(("error", rank, traceback.format_exc()))
         raise SystemExit(1) from None
@@ -104,7 +86,7 @@ def _worker(
             env.close()
 
 
-def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tensorboard: bool) -> RLRunResult:
+def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tensorboard: bool) -> RunResult:
     """:func:`graftnet.rl.train_rl` with ``rl.algorithm: a3c``."""
     assert spec.rl is not None and spec.train is not None
     rl, t = spec.rl, spec.train
@@ -112,25 +94,28 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
         raise TrainingError("rl.algorithm 'a3c' shares Adam's statistics between workers: set train.optimizer: adam")
     if t.device != "cpu":
         raise TrainingError("rl.algorithm 'a3c' runs its workers on CPU: set train.device: cpu, or use algorithm a2c")
-    saved = _saved_run(run_dir, spec, resume, overwrite)
+    saved = load_run(run_dir / CHECKPOINT_NAME) if check_run_dir(run_dir, spec, resume, overwrite) else None
     torch.manual_seed(t.seed)
     shape, actions = env_info(rl.env)
-    g, method, example = build_agent(spec, shape, actions)
-    g.train()
     probe = make_env(rl.env, 1, t.seed)
     frames_per_step = probe.frames_per_step
     probe.close()
     total_updates = math.ceil(rl.frames / (rl.rollout * rl.num_envs * frames_per_step))
-    optimizer = _optimizer(_param_groups(g, spec, total_updates), spec)
+    objective, example = build_agent(spec, shape, actions, total_steps=total_updates)
+    objective.model.train()
+    optimizer = make_optimizer(objective.param_groups(), t)
     start_frames, seconds, update = 0, 0.0, 0
     if saved is not None:
-        g = _restore(g, method, optimizer, saved, example)
-        meta = saved["meta"]
+        meta = saved.meta
+        if meta.get("teachers_cut"):
+            objective.maybe_cut(1.0, example)
+        restore(saved, objective.grafted, optimizer, objective)
         start_frames, seconds, update = meta["frames"], meta["seconds"], meta["step"]
         if meta.get("finished"):
-            return _finish(g, spec, run_dir, torch.device("cpu"), start_frames, seconds, method)
+            return finish_rl(objective, spec, run_dir, torch.device("cpu"), start_frames, seconds)
     else:
-        _start_run_dir(run_dir, spec)
+        start_run_dir(run_dir, spec)
+    g = objective.grafted
     g.share_memory()
     _share_optimizer_state(optimizer)
 
@@ -139,26 +124,26 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
     stop = ctx.Event()
     reports = ctx.Queue()
     workers = [
-        ctx.Process(target=_worker, args=(r, spec, g, method, optimizer, example, frames, stop, reports), daemon=True)
+        ctx.Process(target=_worker, args=(r, spec, objective, optimizer, example, frames, stop, reports), daemon=True)
         for r in range(rl.workers)
     ]
-    p_w_columns = _p_w_columns(g)
-    metrics = _Metrics(run_dir, RL_COLUMNS + p_w_columns, start_frames if saved else None, tensorboard, x="frames")
+    columns = p_w_columns(g)
+    metrics = MetricsLog(run_dir, RL_COLUMNS + columns, start_frames if saved else None, tensorboard, x="frames")
     ckpt = run_dir / CHECKPOINT_NAME
-    flag = _StopFlag()
-    rows = _Rows(metrics, p_w_columns, rl, start_frames)
-    now_frames, cut = start_frames, method.cut
+    flag = StopFlag()
+    rows = ReturnLog(metrics, columns, rl, start_frames)
+    now_frames, cut = start_frames, objective.cut
     began = time.perf_counter()
 
     def save(finished: bool = False) -> None:
         # Hogwild: the workers may be mid-step; the checkpoint holds the shared parameters as they are now.
         state = {"step": update, "frames": now_frames, "seconds": seconds + time.perf_counter() - began,
                  "teachers_cut": cut, "finished": finished}  # fmt: skip
-        _save_run_checkpoint(g, ckpt, optimizer, method, state)
+        save_run(g, ckpt, optimizer, objective, state)
 
     failure = None
     try:
-        with _catching_signals(flag):
+        with catching_signals(flag):
             for w in workers:
                 w.start()
             while True:
@@ -187,9 +172,9 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
                 cut = cut or worker_cut
                 rows.add(values, returns, steps)
                 if rows.due(now_frames):
-                    lr = t.lr * _lr_factor(t.schedule, now_frames / rl.frames)
+                    lr = t.lr * lr_factor(t.schedule, now_frames / rl.frames)
                     elapsed = seconds + time.perf_counter() - began
-                    rows.write(g, method, frames=now_frames, update=update, seconds=elapsed, lr=lr, cut=cut)
+                    rows.write(objective, frames=now_frames, update=update, seconds=elapsed, lr=lr, cut=cut)
                     save()
                 if flag.signal is not None:
                     stop.set()
@@ -206,8 +191,8 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
         save()
         if failure is not None:
             raise TrainingError(f"A3C stopped: {failure}\nThe checkpoint is kept in {str(ckpt)!r}.")
-        return RLRunResult(run_dir, t.method, now_frames, seconds, interrupted=flag.signal)
-    if cut and not method.cut:
-        g = method.maybe_cut(g, 1.0, example) or g
+        return RunResult(run_dir, t.method, seconds=seconds, frames=now_frames, interrupted=flag.signal)
+    if cut and not objective.cut:  # a worker cut its copy of the teachers: cut them here too
+        g = objective.maybe_cut(1.0, example) or g
     save(finished=True)
-    return _finish(g, spec, run_dir, torch.device("cpu"), now_frames, seconds, method)
+    return finish_rl(objective, spec, run_dir, torch.device("cpu"), now_frames, seconds)

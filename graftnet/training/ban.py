@@ -24,10 +24,12 @@ from graftnet.graft import sites
 from graftnet.losses import ensemble_probs
 from graftnet.models import build_model
 from graftnet.spec import BANSpec, ModelSpec, Spec, load_spec
+from graftnet.training.evaluation import predict
+from graftnet.training.results import RunResult
+from graftnet.training.run_dir import RESULTS_NAME, SPEC_NAME, check_run_dir
+from graftnet.training.supervised import fit
 
 __all__ = ["EnsembleResult", "ensemble_errors", "generation_spec", "train_ban"]
-
-RESULTS_NAME = "results.json"
 
 
 def _generation_model(spec: Spec, k: int) -> ModelSpec:
@@ -84,59 +86,63 @@ def generation_spec(spec: Spec, k: int, run_dir: Path, input_shape: tuple[int, .
 
 @dataclass(frozen=True)
 class EnsembleResult:
-    """Errors (%) of the ensemble of ``members`` (generation indices)."""
+    """Errors (%) of the ensemble of ``members`` (generation indices); no test error without a test split."""
 
     members: tuple[int, ...]
     val_error: float
-    test_error: float
+    test_error: float | None
 
 
 def ensemble_errors(
     members: dict[int, torch.nn.Module], groups: list[tuple[int, ...]], splits: Splits, batch_size: int = 512
 ) -> list[EnsembleResult]:
     """Val and test error of each group's ensemble: every sample scored by the mean of the members' softmax."""
-    from graftnet.trainer import predict
-
     cpu = torch.device("cpu")
-    cached = {k: {name: predict(m, getattr(splits, name), batch_size, cpu) for name in ("val", "test")}
+    names = ("val", "test") if splits.test is not None else ("val",)
+    cached = {k: {name: predict(m, getattr(splits, name), batch_size, cpu) for name in names}
               for k, m in members.items()}  # fmt: skip
     results = []
     for group in groups:
-        errors = []
-        for name in ("val", "test"):
+        errors: list[float] = []
+        for name in names:
             probs = ensemble_probs([cached[k][name][0] for k in group])
             labels = cached[group[0]][name][1]
             errors.append(100.0 * float((probs.argmax(-1) != labels).float().mean()))
-        results.append(EnsembleResult(tuple(group), errors[0], errors[1]))
+        results.append(EnsembleResult(tuple(group), errors[0], errors[1] if len(errors) > 1 else None))
     return results
 
 
-def train_ban(spec: Spec, run_dir: Path, splits: Splits, **train_kwargs: Any) -> Any:
+def train_ban(
+    spec: Spec, run_dir: Path, splits: Splits, *, resume: bool = False, overwrite: bool = False, **fit_kwargs: Any
+) -> RunResult:
     """Run the generations of a ``ban`` spec in ``run_dir/gen{k}``, then evaluate the ensembles.
 
-    ``train_kwargs`` go to every generation's :func:`graftnet.trainer.train` (``resume``, ``progress`` …).
-    Returns the last generation's :class:`~graftnet.trainer.RunResult` (with ``run_dir``); the whole sequence,
-    ensembles included, is in ``run_dir/results.json``.
-    """
-    from graftnet.trainer import RunResult, train
+    ``fit_kwargs`` go to every generation's :func:`graftnet.fit` (``progress``, ``tensorboard``, ``on_step``).
 
+    Returns:
+        A :class:`RunResult` for the sequence: the last generation's errors and p_w, every generation's and the
+        ensembles' (also in ``run_dir/results.json``), or the generation that a signal interrupted.
+    """
     assert spec.train is not None and spec.data is not None
+    check_run_dir(run_dir, spec, resume, overwrite, SPEC_NAME)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SPEC_NAME).write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     ban = spec.train.ban or BANSpec()
-    resume = train_kwargs.pop("resume", False)
     generations: list[dict[str, Any]] = []
     result: RunResult | None = None
     for k in range(ban.generations + 1):
         gen_dir = run_dir / f"gen{k}"
         gen_spec = generation_spec(spec, k, run_dir, splits.input_shape)
         done = gen_dir / RESULTS_NAME
-        if resume and done.is_file() and json.loads((gen_dir / "spec.json").read_text()) == gen_spec.model_dump(
+        if resume and done.is_file() and json.loads((gen_dir / SPEC_NAME).read_text()) == gen_spec.model_dump(
             mode="json"
         ):
-            saved = json.loads(done.read_text())
-            result = RunResult(**{**saved, "run_dir": Path(saved["run_dir"])})
+            result = RunResult.read(done)
         else:
             again = resume and (gen_dir / "checkpoint.safetensors").is_file()
-            result = train(gen_spec, gen_dir, resume=again, overwrite=not again, splits=splits, **train_kwargs)
+            result = fit(None, None, gen_spec, train=splits.train, val=splits.val, test=splits.test,
+                         num_classes=splits.num_classes, run_dir=gen_dir, resume=again, overwrite=not again,
+                         **fit_kwargs)  # fmt: skip
         if result.interrupted:
             return result
         generations.append({"generation": k, "val_error": result.val_error, "test_error": result.test_error,
@@ -149,13 +155,18 @@ def train_ban(spec: Spec, run_dir: Path, splits: Splits, **train_kwargs: Any) ->
     groups = [tuple(range(first, k + 1)) for k in range(max(first + 1, 2), ban.generations + 1)]
     ensembles = ensemble_errors(members, groups, splits, spec.data.eval_batch_size)
     best = min(generations, key=lambda g: g["val_error"])["generation"]
+    treatment = "knowledge_flow" if ban.knowledge_flow else ban.treatment
     payload = {
         "spec_sha256": spec_hash(spec),
-        "treatment": "knowledge_flow" if ban.knowledge_flow else ban.treatment,
+        "treatment": treatment,
         "generations": generations,
         "ensembles": [asdict(e) for e in ensembles],
         "best_generation_by_validation": best,
     }
     (run_dir / RESULTS_NAME).write_text(json.dumps(payload, indent=2))
     assert result is not None
-    return result
+    last = generations[-1]
+    return RunResult(run_dir, "ban", result.epochs, last["val_error"], last["test_error"], result.min_p_w_student,
+                     result.forced_export, seconds=result.seconds,
+                     generations=generations, ensembles=payload["ensembles"], treatment=treatment,
+                     best_generation=best)  # fmt: skip

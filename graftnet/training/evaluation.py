@@ -1,0 +1,68 @@
+"""Scoring a model on a split: class scores, loss and accuracy, from a Dataset or the user's DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.utils.data import DataLoader
+
+from graftnet.data import batches
+from graftnet.errors import TrainingError
+
+__all__ = ["eval_batches", "evaluate", "logits_of", "predict"]
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The class scores of a model's output: the tensor itself, or the first element of a tuple."""
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise TrainingError(
+            "supervised training needs a model that returns class scores of shape (batch, classes), got "
+            + (f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__)
+        )
+    return out
+
+
+def pair(item: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` from what a DataLoader yields, or a clear error naming the split."""
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor):
+        x, y = item
+        return x, torch.as_tensor(y)
+    raise TrainingError(
+        f"{where}: a batch must be (inputs, labels) with inputs a tensor, got {type(item).__name__}"
+        + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+    )
+
+
+def eval_batches(data: Any, batch_size: int, where: str = "data") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """In-order batches of a Dataset, or the batches of a DataLoader as it gives them."""
+    if isinstance(data, DataLoader):
+        for item in data:
+            yield pair(item, where)
+        return
+    yield from batches(data, batch_size)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Any, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s class scores for every sample of ``data``, in eval mode (the mode is restored), and the labels."""
+    was = model.training
+    model.eval()
+    outs, labels = [], []
+    for x, y in eval_batches(data, batch_size):
+        outs.append(logits_of(model(x.to(device))).cpu())
+        labels.append(y)
+    model.train(was)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, data: Any, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data``, per sample."""
+    logits, labels = predict(model, data, batch_size, device)
+    loss = float(F.cross_entropy(logits, labels))
+    return loss, float((logits.argmax(-1) == labels).float().mean())

@@ -1,0 +1,220 @@
+"""graftnet.fit and the public objectives: your modules, your Datasets or DataLoaders, your own loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, TensorDataset
+
+import graftnet
+from graftnet import TrainingError
+from graftnet.cli import main
+from graftnet.training.evaluation import evaluate, logits_of
+
+CNN = {"num_classes": 3, "channels": [8, 8]}
+SITES = [{"student": f"features.act{i}", "taps": [f"t:features.act{i}"]} for i in (1, 2)]
+
+
+def _cnn(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return graftnet.build_model("graftnet:cnn1d", CNN)
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 40, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def _spec(method: str = "knowledge_flow", **train: Any) -> dict[str, Any]:
+    return {"sites": SITES, "train": {"method": method, "epochs": 3, "lr": 3e-3, **train}}
+
+
+def test_fit_trains_your_modules_on_your_datasets_and_uses_val_and_test_as_given(tmp_path: Path) -> None:
+    teacher = _cnn(1)
+    val, test = _data(40, 2), _data(50, 3)
+    result = graftnet.fit(_cnn(0), {"t": teacher}, _spec(), train=_data(96, 1), val=val, test=test,
+                          run_dir=tmp_path / "run", progress=False, tensorboard=False)  # fmt: skip
+    assert result.method == "knowledge_flow" and result.epochs == 3 and result.min_p_w_student is not None
+    for name in ("spec.json", "run.json", "metrics.csv", "checkpoint.safetensors", "student.safetensors"):
+        assert (tmp_path / "run" / name).is_file(), name
+    student = _cnn(5)
+    student.load_state_dict(load_file(tmp_path / "run" / "student.safetensors"), strict=True)
+    _, val_acc = evaluate(student, val, 512, torch.device("cpu"))
+    _, test_acc = evaluate(student, test, 512, torch.device("cpu"))
+    assert result.val_error == pytest.approx(100 * (1 - val_acc))  # the given samples, not a redrawn split
+    assert result.test_error == pytest.approx(100 * (1 - test_acc))
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test_error"] == result.test_error
+    assert all(not p.requires_grad for p in teacher.parameters())  # the user's teacher is frozen, in place
+
+
+def test_fit_takes_dataloaders_and_no_test_split(tmp_path: Path) -> None:
+    loader = DataLoader(_data(64, 1), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    result = graftnet.fit(_cnn(0), {"t": _cnn(1)}, _spec(epochs=2), train=loader,
+                          val=DataLoader(_data(30, 2), batch_size=7), run_dir=tmp_path / "run", progress=False,
+                          tensorboard=False)  # fmt: skip
+    assert result.test_error is None and result.val_error is not None
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[-1].split(",")[1] == "8"  # 2 epochs × len(loader) = 4 steps each
+    assert "no test split" in "\n".join(result.summary())
+
+
+def test_fit_resumes_bit_for_bit_after_a_signal(tmp_path: Path) -> None:
+    def run(run_dir: Path, **kwargs: Any) -> graftnet.RunResult:
+        return graftnet.fit(_cnn(0), {"t": _cnn(1)}, _spec(), train=_data(96, 1), val=_data(40, 2),
+                            test=_data(40, 3), run_dir=run_dir, progress=False, tensorboard=False,
+                            **kwargs)  # fmt: skip
+
+    full = run(tmp_path / "full")
+
+    def interrupt(step: int) -> None:
+        if step == 5:  # mid-epoch (two batches of 64 per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = run(tmp_path / "cut", on_step=interrupt)
+    assert stopped.interrupted == "SIGINT"
+    again = run(tmp_path / "cut", resume=True)
+    assert again.test_error == full.test_error
+    a, b = load_file(tmp_path / "full" / "student.safetensors"), load_file(tmp_path / "cut" / "student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_registered_method_works_from_a_spec(tmp_path: Path) -> None:
+    calls = []
+
+    @graftnet.register_method("smoothed")
+    class Smoothed(graftnet.Objective):
+        def loss(self, x: torch.Tensor, y: torch.Tensor, progress: float | None = None) -> graftnet.StepLoss:
+            calls.append(len(y))
+            logits = logits_of(self.forward(x))
+            task = F.cross_entropy(logits, y, label_smoothing=0.1)
+            return graftnet.StepLoss(task, {"task_loss": task}, logits)
+
+    spec = graftnet.load_spec({"train": {"method": "smoothed", "epochs": 1}})
+    assert spec.train is not None and spec.train.method == "smoothed"
+    result = graftnet.fit(_cnn(0), None, spec, train=_data(64, 1), val=_data(20, 2), run_dir=tmp_path / "run",
+                          progress=False, tensorboard=False)  # fmt: skip
+    assert result.method == "smoothed" and calls == [64]
+    with pytest.raises(graftnet.SpecError, match="unknown training method 'smoothd'.*smoothed"):
+        graftnet.load_spec({"train": {"method": "smoothd"}})
+
+
+def test_finetune_with_a_new_head(tmp_path: Path) -> None:
+    teacher, student = _cnn(1), _cnn(0)
+    fresh_head = {k: v.clone() for k, v in student.state_dict().items() if k.startswith("head.")}
+    assert fresh_head, "the cnn1d classifier is called head"
+    g = graftnet.graft(student, {}, {"input_shape": [1, 40]})
+    objective = graftnet.Finetune(g, teacher=teacher, reinit=["head"])
+    state = student.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in fresh_head.items())  # the head kept its fresh initialisation
+    body = [k for k in teacher.state_dict() if not k.startswith("head.")]
+    assert body and all(torch.equal(state[k], teacher.state_dict()[k]) for k in body)
+    assert sorted(objective.reinitialised) == sorted(fresh_head)
+    with pytest.raises(TrainingError, match="no module 'haed'.*head"):
+        graftnet.Finetune(g, teacher=teacher, reinit=["haed"])
+    # and from a spec, with the same option
+    spec = {"teachers": {"t": {}}, "train": {"method": "finetune", "epochs": 1, "finetune": {"teacher": "t",
+            "reinit": ["head"]}}}  # fmt: skip
+    result = graftnet.fit(_cnn(0), {"t": teacher}, spec, train=_data(32, 1), val=_data(20, 2),
+                          run_dir=tmp_path / "ft", progress=False, tensorboard=False)  # fmt: skip
+    assert result.method == "finetune"
+
+
+def test_labels_the_student_cannot_output_are_a_named_error(tmp_path: Path) -> None:
+    bad = TensorDataset(torch.randn(32, 1, 40), torch.full((32,), 7))
+    with pytest.raises(TrainingError, match="labels run from 7 to 7 but the student outputs 3 classes"):
+        graftnet.fit(_cnn(0), None, {"train": {"method": "scratch", "epochs": 1}}, train=bad, val=_data(10, 2),
+                     run_dir=tmp_path / "run", progress=False, tensorboard=False)  # fmt: skip
+
+
+def test_your_own_loop_with_the_objective_matches_the_eq4_loss() -> None:
+    student, teacher = _cnn(0), _cnn(1)
+    x, y = torch.randn(16, 1, 40), torch.randint(0, 3, (16,))
+    g = graftnet.graft(student, {"t": teacher}, {"sites": SITES}, example_input=x[:2])
+    kf = graftnet.KnowledgeFlow(g, {"lr": 1e-2, "lambda2": 0.5, "cut_teachers_at": 0.5}, total_steps=4)
+    names = [group["name"] for group in kf.param_groups()]
+    assert names == ["student", "mixing", "adapters"] or names == ["student", "mixing"]
+    opt = torch.optim.Adam(kf.param_groups())
+    for _ in range(2):
+        loss = kf.loss(x, y)
+        opt.zero_grad()
+        loss.total.backward()
+        kf.step(opt)
+    loss = kf.loss(x, y)
+    lam1 = kf.lambda1()
+    by_hand = loss.parts["task_loss"] + lam1 * loss.parts["dep_loss"] + 0.5 * loss.parts["kl_loss"]
+    assert torch.allclose(loss.total, by_hand) and float(loss.parts["kl_loss"].detach()) > 0
+    assert kf.maybe_cut() is not None and kf.cut and not kf.model.mixers  # 2 of 4 steps: the cut is due
+    assert "dep_loss" not in kf.loss(x, y).parts
+    detached = graftnet.detach(kf.model)
+    assert type(detached) is type(student)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in detached.state_dict().items())
+
+
+def test_knowledge_flow_needs_a_graft() -> None:
+    with pytest.raises(TrainingError, match="pass graftnet.graft"):
+        graftnet.KnowledgeFlow(_cnn(0), total_steps=10)
+    g = graftnet.graft(_cnn(0), {"t": _cnn(1)}, {"sites": SITES, "input_shape": [1, 40]})
+    with pytest.raises(TrainingError, match="pass total_steps"):
+        graftnet.KnowledgeFlow(g).param_groups()
+    with pytest.raises(graftnet.SpecError, match="lambda2"):
+        graftnet.KnowledgeFlow(g, lambda2=-1.0)
+
+
+DATASET_MODULE = '''
+import torch
+from torch.utils.data import TensorDataset
+
+def build(augment, n=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    def part(k):
+        return TensorDataset(torch.randn(k, 1, 40, generator=g), torch.randint(0, 3, (k,), generator=g))
+    return {"train": part(n), "val": part(20), "test": part(30)}
+'''
+
+
+def test_graftnet_train_with_your_dataset_by_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "mydata.py").write_text(DATASET_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    spec = {"student": {"model": "graftnet:cnn1d", "kwargs": CNN},
+            "data": {"dataset": "mydata:build", "kwargs": {"n": 48}, "batch_size": 16},
+            "train": {"method": "scratch", "epochs": 1}}  # fmt: skip
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert main(["train", "spec.json", "--out", "run", "--no-progress", "--no-tensorboard"]) == 0
+    assert "test error" in capsys.readouterr().out
+    metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert metrics[1].split(",")[1] == "3"  # 48 given training samples in batches of 16: nothing carved off
+    sys.modules.pop("mydata", None)
+
+
+def test_graftnet_train_on_an_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("val", 2), ("test", 2)):
+        for c, name in enumerate(("cat", "dog")):
+            folder = tmp_path / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = (torch.rand(8, 8, 3, generator=g) * 255 * (c + 1) / 2).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    spec = {"student": {"model": "graftnet:convnet", "kwargs": {"in_channels": 3, "num_classes": 2,
+                                                                "image_size": 8}},
+            "data": {"dataset": "imagefolder", "kwargs": {"root": "images"}, "batch_size": 4},
+            "train": {"method": "scratch", "epochs": 2}}  # fmt: skip
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert main(["train", "spec.json", "--out", "run", "--no-progress", "--no-tensorboard"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["test_error"] is not None and results["epochs"] == 2
