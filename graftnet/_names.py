@@ -1,4 +1,4 @@
-"""Names of graftable activations (DESIGN.md §3) and their resolution.
+"""Names of graftable activations (README "Names") and their resolution.
 
 Every activation call in a traced model gets one public name:
 

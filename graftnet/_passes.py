@@ -1,4 +1,4 @@
-"""Graph passes: each takes an FX graph and returns a new, linted one (STYLE.md "a pass is a function").
+"""Graph passes: each takes an FX graph and returns a new, linted one (docs/architecture.md: spec → plan → passes).
 
 * :func:`truncate_teacher` — a teacher cut after its deepest tap, returning the taps' pre-activations;
 * :func:`splice_mixers` — the student with teacher calls and a mixer in front of every site.

@@ -1,6 +1,6 @@
 """Leaf-aware FX tracing that stays faithful to the model in both training modes.
 
-Two things make a plain ``symbolic_trace`` unfaithful (FIELD-NOTES.md):
+Two things make a plain ``symbolic_trace`` unfaithful (docs/architecture.md, "Facts the design rests on"):
 
 * code that branches on ``self.training`` inside a traced-through module is frozen at trace time
   (timm's drop-path, a model's own ``if self.training:``). We trace twice, once per mode, and keep

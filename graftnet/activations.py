@@ -1,6 +1,6 @@
 """Which graph nodes are activations, and which of them work in place.
 
-An activation is recognised in three forms (DESIGN.md §3): a module (``nn.ReLU``), a function
+An activation is recognised in three forms (README "Names"): a module (``nn.ReLU``), a function
 (``F.relu``, ``torch.relu``) or a Tensor method (``x.relu()``). More can be registered with
 :func:`register_activation`; fused norm+act modules (timm's ``BatchNormAct2d``) with :func:`register_fused`.
 """

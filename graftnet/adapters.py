@@ -1,6 +1,6 @@
 """Adapters Q that map a teacher activation onto a student site's shape, and teacher input adapters.
 
-Both are string-keyed registries (STYLE.md): a spec names an adapter by key and never imports code.
+Both are string-keyed registries (docs/architecture.md): a spec names an adapter by key and never imports code.
 A tap adapter factory takes ``(tap_shape, site_shape)`` — shapes without the batch dimension — and
 returns a module; an input adapter factory takes the student's input shape and its spec kwargs.
 """

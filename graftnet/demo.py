@@ -4,7 +4,7 @@ MNIST-1D (generated offline) is split into two tasks: digits 5–9 are the sourc
 labels the target. Two teachers are trained on the source: ``related`` on its real labels, ``unrelated``
 on shuffled labels (it learns nothing that transfers). Then students of the same 1-D convnet learn the
 target by scratch, fine-tuning from ``related``, distillation from ``related`` (whose outputs are other
-digits: KD is expected to struggle, see FIELD-NOTES), knowledge flow from both teachers, and — the
+digits: KD is expected to struggle, see examples/README.md), knowledge flow from both teachers, and — the
 control — knowledge flow from two untrained teachers wired the same way, which shows how much of the
 gain is the teachers' knowledge and how much the extra capacity while training. Every method's learning
 rate is chosen on the validation split with seed 0; the chosen setting then runs with every seed. The

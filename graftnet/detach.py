@@ -1,4 +1,4 @@
-"""``graftnet.detach``: cut the teachers away and return the plain student (DESIGN.md §5)."""
+"""``graftnet.detach``: cut the teachers away and return the plain student (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``graftnet.graft``: splice teacher activations into a student (DESIGN.md §5)."""
+"""``graftnet.graft``: splice teacher activations into a student (docs/architecture.md)."""
 
 from __future__ import annotations
 

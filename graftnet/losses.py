@@ -94,6 +94,14 @@ class ParameterSnapshot:
         self.tensors = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
+    def follow(self, model: nn.Module) -> None:
+        """Re-home every copy whose parameter moved to another device or dtype (``model.to(...)``), keeping values."""
+        for name, p in model.named_parameters():
+            old = self.tensors.get(name)
+            if old is not None and (old.device != p.device or old.dtype != p.dtype):
+                self.tensors[name] = old.to(device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
     def refresh(self, model: nn.Module) -> None:
         pairs = [(self.tensors[name], p) for name, p in model.named_parameters() if name in self.tensors]
         if pairs:
@@ -165,7 +173,7 @@ def dkpp_targets(teacher_probs: torch.Tensor, generator: torch.Generator | None 
     """Dark knowledge with permuted predictions (eq. 11): each row keeps the teacher's argmax entry in place and
     gets its other entries shuffled among the other positions, with a new permutation per sample.
 
-    The argmax is the teacher's, not the ground-truth class (FIELD-NOTES: a public DKPP gets this wrong).
+    The argmax is the teacher's, not the ground-truth class (a public DKPP gets this wrong; docs/architecture.md).
     """
     b, n = teacher_probs.shape
     top = teacher_probs.argmax(dim=-1, keepdim=True)

@@ -1,10 +1,10 @@
-"""The mixer spliced in front of a student activation (DESIGN.md §2, paper §3.2).
+"""The mixer spliced in front of a student activation (paper §3.2; docs/architecture.md).
 
     z̃ = p_0·z + Σ_l p_l·Q_l(s_l·t_l),   p = softmax(logits),   h = act(z̃)
 
 ``logits`` is the paper's w (index 0 = the student), Q_l the adapters, and s_l a per-tap scale that
 brings each teacher activation to unit mean magnitude: teachers' activation scales differ by an order
-of magnitude, and without it a loud teacher swamps the mix (FIELD-NOTES.md).
+of magnitude, and without it a loud teacher swamps the mix (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The graft spec: which student layers may read which teacher layers (DESIGN.md §4).
+"""The graft spec: which student layers may read which teacher layers (README "The spec").
 
 The spec is plain data validated by pydantic (``extra="forbid"`` everywhere, so a typo is an error, not a
 silently ignored key). Nothing here imports torch or user code: model references are strings that
@@ -189,7 +189,9 @@ class Lambda1Spec(_Strict):
     ``start`` and ``end`` are fractions of training; the paper ramps linearly from 0.
     """
 
-    final: float = Field(10.0, ge=0.0, description="λ1 at the end of the ramp (FIELD-NOTES: 10 makes p0 reach 1).")
+    final: float = Field(
+        10.0, ge=0.0, description="λ1 at the end of the ramp (docs/architecture.md: 10 makes p0 reach 1)."
+    )
     start: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of training where the ramp begins.")
     end: float = Field(0.6, ge=0.0, le=1.0, description="Fraction of training where λ1 reaches its final value.")
     kind: Literal["linear", "cosine", "constant"] = "linear"

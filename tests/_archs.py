@@ -501,7 +501,7 @@ def overwrites_a_tap_through_an_alias(arch: Arch) -> bool:
 
 
 def auto_can_map(tap: Shape, site: Shape) -> bool:
-    """Whether adapter 'auto' maps ``tap`` onto ``site`` (DESIGN.md §2)."""
+    """Whether adapter 'auto' maps ``tap`` onto ``site`` (README "The spec", adapters)."""
     if tap == site or (len(tap) == 1 and len(site) == 1):
         return True
     is_map = 2 <= len(tap) <= 4

@@ -1,10 +1,10 @@
-"""Property tests: graft() over generated architectures and generated specs (STYLE.md "Tests").
+"""Property tests: graft() over generated architectures and generated specs (docs/architecture.md).
 
 Students and teachers are small random networks from ``tests/_archs.py`` (Linear/Conv1d/Conv2d, BatchNorm,
 Dropout, residual adds, concatenation, activations as modules, functions and Tensor methods, in place or
 not); a spec picks 1–3 student sites and 1–2 taps each from one or two teachers, with adapter ``auto``.
 
-Properties (DESIGN.md §5):
+Properties (README "A graft in Python"):
 
 * with p_w(student)=1 at every site, ``g(x)`` is exactly ``student(x)`` in eval and train mode, BatchNorm
   buffers included, and both graphs lint;

@@ -1,4 +1,4 @@
-"""Datasets by name, and the train/validation/test splits a run trains, selects and reports on (DESIGN.md §8).
+"""Datasets by name, and the train/validation/test splits a run trains, selects and reports on (docs/architecture.md).
 
 A dataset builder (registered in :data:`DATASETS`) returns a :class:`Source`: the dataset's official
 training and test splits. :func:`make_splits` then makes the task a spec asks for: a class subset, a

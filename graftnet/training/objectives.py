@@ -1,4 +1,4 @@
-"""Training objectives: what trains and what its loss is — knowledge flow and the baselines (DESIGN.md §6).
+"""Training objectives: what trains and what its loss is — knowledge flow and the baselines (docs/architecture.md).
 
 An objective wraps a model (a :class:`GraftedModel`, or any module for the baselines) and the train
 settings, and gives everything a training loop needs: :meth:`Objective.loss` (the total and its named
@@ -45,7 +45,7 @@ from graftnet.losses import (
 )
 from graftnet.models import build_model
 from graftnet.registry import Registry
-from graftnet.spec import KDSpec, Spec, TrainSpec, register_method_name
+from graftnet.spec import BornAgainSpec, KDSpec, Spec, TrainSpec, register_method_name
 from graftnet.training.evaluation import logits_of
 from graftnet.training.optim import param_groups
 
@@ -115,7 +115,7 @@ class Objective:
         self.model = model
         self.settings = _settings(settings, overrides)
         self.total_steps = total_steps
-        self.steps = 0  # optimizer steps taken, counted by step()
+        self.steps = 0  # optimizer steps taken: step() counts them; a framework that steps itself sets it
         self.cut = False  # True once the teachers are removed
         self.dependence_at_cut: dict[str, float] = {}  # p_w(student) per site when they were
         self.runner: nn.Module | None = None  # runs the model when set (the model in DistributedDataParallel)
@@ -199,9 +199,10 @@ class Objective:
         """
         return None
 
-    def to(self, device: torch.device | str) -> Objective:
-        """Move the model and what the objective holds outside it (a distillation teacher) to ``device``."""
-        self.model.to(device)
+    def to(self, *args: Any, **kwargs: Any) -> Objective:
+        """``model.to(...)``, and the same for what the objective holds outside the model (a distillation
+        teacher, θ_old). Call it again after something else moved or cast the model (Lightning does)."""
+        self.model.to(*args, **kwargs)
         return self
 
     # ---- resumable state -----------------------------------------------------------------------------------
@@ -335,15 +336,22 @@ class Finetune(Objective):
 class _TeacherOutputs(Objective):
     """A method that learns from a whole teacher's outputs (KD, born-again): it keeps the teacher beside the model."""
 
-    teacher: nn.Module
+    def __init__(
+        self, model: nn.Module, settings: TrainSpec | Mapping[str, Any] | None = None, *, teacher: nn.Module,
+        total_steps: int | None = None, **overrides: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(model, settings, total_steps=total_steps, **overrides)
+        if not isinstance(teacher, nn.Module):
+            raise TrainingError(f"{type(self).__name__}: the teacher is a {type(teacher).__name__}, not a module")
+        self.teacher = teacher.eval().requires_grad_(False)
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return logits_of(self.teacher(x))
 
-    def to(self, device: torch.device | str) -> Objective:
-        self.teacher.to(device)
-        return super().to(device)
+    def to(self, *args: Any, **kwargs: Any) -> Objective:
+        self.teacher.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
 
 
 @register_method("kd")
@@ -362,13 +370,10 @@ class KnowledgeDistillation(_TeacherOutputs):
         temperature: float | None = None, alpha: float | None = None, total_steps: int | None = None,
         **overrides: Any,
     ) -> None:  # fmt: skip
-        super().__init__(model, settings, total_steps=total_steps, **overrides)
-        kd = self.settings.kd
-        defaults = KDSpec.model_fields
-        self.temperature = temperature if temperature is not None else (
-            kd.temperature if kd is not None else defaults["temperature"].default)  # fmt: skip
-        self.alpha = alpha if alpha is not None else (kd.alpha if kd is not None else defaults["alpha"].default)
-        self.teacher = teacher.eval().requires_grad_(False)
+        super().__init__(model, settings, teacher=teacher, total_steps=total_steps, **overrides)
+        kd = self.settings.kd or KDSpec(teacher="")  # the spec's settings, else the defaults
+        self.temperature = kd.temperature if temperature is None else temperature
+        self.alpha = kd.alpha if alpha is None else alpha
 
     @classmethod
     def from_spec(
@@ -436,6 +441,12 @@ class KnowledgeFlow(Objective):
         modules = {name: given[name] if name in given else _teacher(spec, name, None) for name in spec.teachers}
         g = graft(student, modules, spec.graft_part(), example_input=example)
         return cls(g, spec.train, total_steps=total_steps)
+
+    def to(self, *args: Any, **kwargs: Any) -> Objective:
+        super().to(*args, **kwargs)
+        if self.snapshot is not None:
+            self.snapshot.follow(self.model)  # θ_old on the parameters' device, in their dtype
+        return self
 
     def lambda1(self, progress: float | None = None) -> float:
         l1 = self.settings.lambda1
@@ -535,13 +546,12 @@ class BornAgain(_TeacherOutputs):
         treatment: str | None = None, label_weight: float | None = None, total_steps: int | None = None,
         **overrides: Any,
     ) -> None:  # fmt: skip
-        super().__init__(model, settings, total_steps=total_steps, **overrides)
-        ba = self.settings.born_again
-        self.treatment = treatment or (ba.treatment if ba is not None else "ban")
+        super().__init__(model, settings, teacher=teacher, total_steps=total_steps, **overrides)
+        ba = self.settings.born_again or BornAgainSpec(teacher="")  # the spec's settings, else the defaults
+        self.treatment = treatment or ba.treatment
         if self.treatment not in ("ban", "ban_l", "cwtm", "dkpp"):
             raise TrainingError(f"born-again treatment {self.treatment!r}: use ban, ban_l, cwtm or dkpp")
-        self.label_weight = label_weight if label_weight is not None else (ba.label_weight if ba is not None else 1.0)
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.label_weight = ba.label_weight if label_weight is None else label_weight
 
     @classmethod
     def from_spec(
