@@ -19,6 +19,7 @@ from torch import nn
 
 from graftnet.errors import AdapterError, GraftError
 from graftnet.registry import Registry
+from graftnet.spec import MAX_INPUT_ELEMENTS, clip, short_repr
 
 __all__ = [
     "ADAPTERS",
@@ -112,9 +113,25 @@ def identity(tap_shape: Shape, site_shape: Shape) -> nn.Module:
     return nn.Identity()
 
 
+# A dense adapter's matrix holds at most this many weights (1 GiB in float32): flattening two feature maps into one
+# Linear grows as the product of their sizes.
+MAX_DENSE_WEIGHTS = 2**28
+
+
+def _dense(key: str, tap_shape: Shape, site_shape: Shape) -> None:
+    weights = math.prod(tap_shape) * math.prod(site_shape)
+    if weights > MAX_DENSE_WEIGHTS:
+        raise _no_adapter(
+            key, tap_shape, site_shape,
+            f"its dense matrix would hold {weights} weights, more than {MAX_DENSE_WEIGHTS} (2**28); use 'conv1x1' "
+            "between feature maps of the same rank, or tap a smaller activation",
+        )  # fmt: skip
+
+
 @register_adapter("linear")
 def linear(tap_shape: Shape, site_shape: Shape) -> nn.Module:
     """Flatten, one dense matrix (the paper's Q in full), reshape to the site."""
+    _dense("linear", tap_shape, site_shape)
     layers: list[nn.Module] = [nn.Flatten(), nn.Linear(math.prod(tap_shape), math.prod(site_shape))]
     if len(site_shape) > 1:
         layers.append(nn.Unflatten(1, site_shape))
@@ -134,10 +151,12 @@ def auto(tap_shape: Shape, site_shape: Shape) -> nn.Module:
     if tap_shape == site_shape:
         return nn.Identity()
     if len(tap_shape) == 1 and len(site_shape) == 1:
+        _dense("auto", tap_shape, site_shape)
         return nn.Linear(tap_shape[0], site_shape[0])
     if _is_map(tap_shape) and _is_map(site_shape) and len(tap_shape) == len(site_shape):
         return MapAdapter(tap_shape, site_shape)
     if _is_map(tap_shape) and len(site_shape) == 1:
+        _dense("auto", tap_shape, site_shape)
         return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(tap_shape), site_shape[0]))
     raise _no_adapter(
         "auto", tap_shape, site_shape,
@@ -187,6 +206,15 @@ def _need_map(key: str, input_shape: Shape) -> None:
         raise AdapterError(f"input adapter {key!r} needs a (C, ...spatial) input, got shape {input_shape}")
 
 
+def _bounded(key: str, output_shape: Shape) -> None:
+    """Refuse an input adapter whose output sample would be larger than an input_shape may be."""
+    if math.prod(output_shape) > MAX_INPUT_ELEMENTS:
+        raise AdapterError(
+            f"input adapter {key!r} would make samples of shape {output_shape}, {math.prod(output_shape)} elements, "
+            f"more than the {MAX_INPUT_ELEMENTS} (2**28) an input may have; give the size the teacher expects"
+        )
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -215,14 +243,15 @@ def _input_resize(input_shape: Shape, size: Sequence[int], mode: str = "bilinear
     if isinstance(size, str) or not isinstance(size, Sequence) or not all(_is_int(s) and s >= 1 for s in size):
         raise AdapterError(
             f"input adapter 'resize': size must be a list of {rank} positive integers (the spatial size the "
-            f"teacher expects, e.g. {[224] * rank}), got {size!r}"
+            f"teacher expects, e.g. {[224] * rank}), got {short_repr(size)}"
         )
     if len(size) != rank:
-        raise AdapterError(f"input adapter 'resize': size {list(size)} must have {rank} entries")
+        raise AdapterError(f"input adapter 'resize': size {short_repr(list(size))} must have {rank} entries")
+    _bounded("resize", (input_shape[0], *size))
     modes = _RESIZE_MODES[rank]
     if mode not in modes:
         raise AdapterError(
-            f"input adapter 'resize': mode {mode!r} does not resize an input with {rank} spatial "
+            f"input adapter 'resize': mode {short_repr(mode)} does not resize an input with {rank} spatial "
             f"dim{'s' if rank > 1 else ''} (shape {input_shape}); use one of {', '.join(map(repr, modes))}"
         )
     return Resize(size, mode)
@@ -234,7 +263,8 @@ def _input_normalize(input_shape: Shape, mean: Sequence[float], std: Sequence[fl
     for name, values in (("mean", mean), ("std", std)):
         if isinstance(values, str) or not isinstance(values, Sequence) or not all(map(_is_number, values)):
             raise AdapterError(
-                f"input adapter 'normalize': {name} must be a list of numbers, one per channel, got {values!r}"
+                f"input adapter 'normalize': {name} must be a list of numbers, one per channel, "
+                f"got {short_repr(values)}"
             )
     if not len(mean) == len(std) == input_shape[0]:
         raise AdapterError(
@@ -253,8 +283,9 @@ def _input_conv1x1(input_shape: Shape, out_channels: int) -> nn.Module:
     if not (_is_int(out_channels) and out_channels >= 1):
         raise AdapterError(
             f"input adapter 'conv1x1': out_channels must be a positive integer (the channels the teacher "
-            f"expects), got {out_channels!r}"
+            f"expects), got {short_repr(out_channels)}"
         )
+    _bounded("conv1x1", (int(out_channels), *input_shape[1:]))
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(input_shape) - 2]
     return conv(input_shape[0], int(out_channels), kernel_size=1)
 
@@ -290,7 +321,7 @@ def make_input_adapter(
         except _STEP_ERRORS as e:
             params = list(inspect.signature(factory).parameters)[1:]
             raise AdapterError(
-                f"{at}: input adapter {key!r}: bad arguments {kwargs}: {type(e).__name__}: {e} "
+                f"{at}: input adapter {key!r}: bad arguments {short_repr(kwargs)}: {type(e).__name__}: {clip(str(e))} "
                 f"(it takes {', '.join(params) or 'no arguments'})"
             ) from e
         try:
@@ -300,8 +331,8 @@ def make_input_adapter(
             raise
         except _STEP_ERRORS as e:  # F.interpolate's NotImplementedError is a RuntimeError
             raise AdapterError(
-                f"{at}: input adapter {key!r} with {kwargs} cannot run on an input of shape {shape}: "
-                f"{type(e).__name__}: {e}"
+                f"{at}: input adapter {key!r} with {short_repr(kwargs)} cannot run on an input of shape {shape}: "
+                f"{type(e).__name__}: {clip(str(e))}"
             ) from e
         modules.append(module)
     return modules[0] if len(modules) == 1 else nn.Sequential(*modules)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -11,9 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from graftnet.errors import GraftError
+from graftnet.errors import CheckpointError, GraftError, SpecError
 
 __all__ = ["main"]
 
@@ -31,14 +30,13 @@ def _default_input_shape(model: Any, ref: str) -> tuple[int, ...] | None:
 
 
 def _parse_kwargs(text: str | None) -> dict[str, Any]:
+    from graftnet.spec import parse_yaml, short_repr
+
     if not text:
         return {}
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise GraftError(f"--kwargs {text!r} is not valid YAML/JSON: {e}") from e
+    value = parse_yaml(text, f"--kwargs {short_repr(text)}")
     if not isinstance(value, dict):
-        raise GraftError(f"--kwargs must be a mapping such as '{{num_classes: 10}}', got {text!r}")
+        raise SpecError(f"--kwargs must be a mapping such as '{{num_classes: 10}}', got {short_repr(text)}")
     return value
 
 
@@ -46,11 +44,15 @@ def _nodes(args: argparse.Namespace) -> None:
     from graftnet.graft import sites
     from graftnet.models import build_model
     from graftnet.report import sites_table
+    from graftnet.spec import input_shape_problem
 
     model = build_model(args.model, _parse_kwargs(args.kwargs))
     shape = tuple(args.input_shape) if args.input_shape else _default_input_shape(model, args.model)
     if shape is None:
         raise GraftError(f"cannot tell the input shape of {args.model}: pass --input-shape, e.g. --input-shape 3 32 32")
+    problem = input_shape_problem(list(shape))
+    if problem is not None:
+        raise SpecError(f"--input-shape: {problem}")
     infos = sites(model, input_shape=shape)
     print(f"# {args.model} on input {shape}: {len(infos)} graftable activations (pre-activation shapes, no batch dim)")
     print(sites_table(infos))
@@ -61,16 +63,25 @@ def _check(args: argparse.Namespace) -> None:
     from graftnet.report import describe
     from graftnet.spec import load_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(_with_overrides(args.spec, args.set))
     g = graft(None, None, spec)
-    print(f"spec {args.spec}: OK")
+    overrides = "".join(f" --set {item}" for item in args.set)
+    print(f"spec {args.spec}{' with' + overrides if overrides else ''}: OK")
     print(describe(g))
 
 
 def _export(args: argparse.Namespace) -> None:
     from graftnet.checkpoint import export
 
-    report = export(args.source, args.out, tol=args.tol, force=args.force, overwrite=args.overwrite)
+    kwargs: dict[str, Any] = {}
+    if args.spec is not None:
+        if "spec" not in inspect.signature(export).parameters:
+            raise CheckpointError(
+                f"--spec {args.spec}: this graftnet's export cannot check a checkpoint against a spec yet "
+                "(graftnet.checkpoint.export takes no spec); drop --spec, or update graftnet"
+            )
+        kwargs["spec"] = args.spec
+    report = export(args.source, args.out, tol=args.tol, force=args.force, overwrite=args.overwrite, **kwargs)
     forced = " (forced: some site was below 1 - tol)" if report.forced else ""
     print(f"wrote {report.path}{forced}")
     print(f"  min p_w(student) over sites: {report.min_p_w_student:.6f}")
@@ -80,24 +91,76 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _with_overrides(path: str, overrides: Sequence[str]) -> Any:
-    """The spec file with ``KEY=VALUE`` overrides applied (dotted keys, YAML values), or the path if none."""
+    """The spec file with ``KEY=VALUE`` overrides applied and validated, or the path if there are none.
+
+    KEY is a dotted spec path (``train.lr``, ``teachers.t.kwargs.num_classes``); a number indexes a list
+    (``sites.0.student``). VALUE is YAML. A missing section is created; an error names the override.
+
+    Raises:
+        SpecError: an override is malformed or names no place in the spec, or the result is not a valid spec.
+    """
     if not overrides:
         return path
-    from graftnet.spec import read_spec_file
+    from graftnet.spec import load_spec, parse_yaml, read_spec_file, short_repr
 
-    raw = read_spec_file(Path(path)) or {}
+    raw = read_spec_file(Path(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"invalid spec {path}: the top level must be a mapping, got {type(raw).__name__}")
+    origins: dict[str, str] = {}
+    flags = []
     for item in overrides:
+        flag = f"--set {short_repr(item)}"
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise GraftError(f"--set {item!r} must look like KEY=VALUE, e.g. --set train.method=scratch")
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part, {}), dict):
-                raise GraftError(f"--set {item!r}: {part!r} is not a section of the spec")
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(text)
-    return raw
+            raise SpecError(f"{flag} must look like KEY=VALUE, e.g. --set train.method=scratch")
+        parts = key.split(".")
+        if not all(parts):
+            raise SpecError(
+                f"{flag}: KEY {short_repr(key)} has an empty part; write it like train.lr or sites.0.student"
+            )
+        value = parse_yaml(text, flag)
+        origins[_set_path(raw, parts, value, flag)] = flag  # a key set twice: the last value, and its flag
+        flags.append(flag)
+    return load_spec(raw, source=f"{path} with {', '.join(flags)}", origins=origins)
+
+
+def _set_path(raw: dict[str, Any], parts: list[str], value: Any, flag: str) -> str:
+    """Put ``value`` at ``parts`` in ``raw`` (creating sections); the spec path it went to, as messages write it."""
+    from graftnet.spec import short_repr
+
+    node: Any = raw
+    where = ""
+    for i, part in enumerate(parts):
+        above = ".".join(parts[:i])
+        key: str | int
+        if isinstance(node, list):
+            if not (part.isascii() and part.isdecimal() and int(part) < len(node)):
+                if not node:
+                    raise SpecError(f"{flag}: {where} is an empty list; set the whole list, e.g. --set '{above}=[…]'")
+                rest = "".join(f".{p}" for p in parts[i + 1 if part.isdecimal() else i :])  # replace, or insert 0
+                raise SpecError(
+                    f"{flag}: {where} is a list of {len(node)}, so {short_repr(part)} must be an index from 0 to "
+                    f"{len(node) - 1} (e.g. --set {above}.0{rest}=…); to add an entry, set the whole list"
+                )
+            key = int(part)
+            where = f"{where}[{key}]"
+        elif isinstance(node, dict):
+            key = part
+            where = f"{where}.{part}" if where else part
+        else:
+            raise SpecError(
+                f"{flag}: {where} is {short_repr(node)}, not a section or a list, so it has no {short_repr(part)}; "
+                f"set {where} itself, e.g. --set {above}=VALUE"
+            )
+        if i == len(parts) - 1:
+            node[key] = value
+        else:
+            if (node.get(key) if isinstance(node, dict) else node[key]) is None:
+                node[key] = {}
+            node = node[key]
+    return where
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -156,6 +219,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a spec, build its models and print the resolved graft plan")
     p.add_argument("spec", help="YAML or JSON spec file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field as train does, e.g. --set sites.0.student=layer2 (repeatable)")
     p.set_defaults(run=_check)
 
     p = sub.add_parser("train", help="train a spec's student (scratch, finetune, kd, knowledge_flow), then export it")
@@ -187,6 +252,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=1e-3, help="every site needs p_w(student) >= 1 - tol (default 1e-3)")
     p.add_argument("--force", action="store_true", help="export even if some site still relies on teachers")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--spec", metavar="SPEC",
+                   help="a spec you trust (YAML/JSON): the model references in the checkpoint must match it")
     p.set_defaults(run=_export)
 
     p = sub.add_parser("schema", help="print the spec's JSON Schema")
@@ -209,6 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.run(args)
     except GraftError as e:
         print(f"graftnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader of stdout went away (graftnet schema | head): nothing left to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as e:  # the file system refused: a path that is missing, a directory, not writable, a full disk
+        where = f" {e.filename!r}" if e.filename is not None else ""
+        print(f"graftnet {args.command}: error: {e.strerror or e}:{where} ({type(e).__name__}); check the path and "
+              "its permissions", file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -21,7 +21,7 @@ from graftnet.adapters import make_adapter, make_input_adapter
 from graftnet.errors import AdapterError, GraftError, SpecError
 from graftnet.mixer import Mixer
 from graftnet.models import build_model
-from graftnet.spec import Spec, load_spec
+from graftnet.spec import Spec, clip, input_shape_problem, load_spec, short_repr, teacher_name_problem
 
 __all__ = ["FrozenTeacher", "GraftedModel", "SiteInfo", "graft", "sites"]
 
@@ -182,9 +182,20 @@ Shape = list[int] | tuple[int, ...]
 
 def _example(example_input: Example | None, input_shape: Shape | None, what: str) -> tuple[torch.Tensor, ...]:
     if example_input is not None:
-        return example_input if isinstance(example_input, tuple) else (example_input,)
+        example = example_input if isinstance(example_input, tuple) else (example_input,)
+        if not example or not all(isinstance(t, torch.Tensor) for t in example):
+            raise GraftError(
+                f"{what}: example_input must be an input batch, a torch.Tensor (or a non-empty tuple of tensors, the "
+                f"model's positional inputs), got {short_repr(example_input)} ({type(example_input).__name__})"
+            )
+        if example[0].dim() == 0:
+            raise GraftError(f"{what}: example_input must be a batch with a batch dimension, got a 0-dim tensor")
+        return example
     if input_shape is None:
         raise SpecError(f"{what}: give example_input, or input_shape in the spec (one sample, no batch dimension)")
+    problem = input_shape_problem(list(input_shape))
+    if problem is not None:
+        raise SpecError(f"{what}: {problem}")
     return (torch.randn(2, *input_shape),)
 
 
@@ -206,6 +217,8 @@ def sites(
         >>> [s.name for s in sites(torchvision.models.resnet18(), input_shape=(3, 32, 32))][:3]
         ['relu', 'layer1.0.relu@0', 'layer1.0.relu@1']
     """
+    if not isinstance(model, nn.Module):
+        raise GraftError(f"graftnet.sites: the model is a {type(model).__name__}, not a torch.nn.Module")
     example = _example(example_input, input_shape, "graftnet.sites")
     traced = _traced_with_shapes(model, example, "the model", (False,))
     return [SiteInfo(a.name, a.shape, a.kind, a.inplace, a.node) for a in catalogue(traced)]
@@ -222,17 +235,20 @@ def _teacher_modules(teachers: Mapping[str, nn.Module] | None, spec: Spec) -> di
                 )
             built[name] = build_model(ref.model, ref.kwargs, ref.weights, where=f"teachers.{name}")
         return built
+    if not isinstance(teachers, Mapping):
+        raise GraftError(f"graft(teachers=…) must map teacher names to modules, got a {type(teachers).__name__}")
+    for name, module in teachers.items():
+        problem = teacher_name_problem(name)
+        if problem is not None:
+            raise SpecError(f"graft(teachers=…): {problem}")
+        if not isinstance(module, nn.Module):
+            raise GraftError(f"teacher {name!r} is a {type(module).__name__}, not a torch.nn.Module")
     missing = sorted(set(spec.teachers) - set(teachers))
     if missing:
         raise SpecError(
             f"teachers.{missing[0]}: the spec declares teacher {missing[0]!r} but graft() got no module for it "
             f"(got: {', '.join(sorted(teachers)) or 'none'})"
         )
-    for name, module in teachers.items():
-        if not isinstance(module, nn.Module):
-            raise GraftError(f"teacher {name!r} is a {type(module).__name__}, not a torch.nn.Module")
-        if not name.isidentifier():
-            raise GraftError(f"teacher name {name!r} must be a Python identifier (letters, digits, _)")
     return dict(teachers)
 
 
@@ -287,8 +303,16 @@ def graft(
             pairs = [(s.adapter, dict(s.kwargs)) for s in steps]
             adapter = make_input_adapter(pairs, tuple(example[0].shape[1:]), where=f"teachers.{name}.input")
             input_adapters[name] = adapter
-            with training_mode(adapter, False), torch.no_grad():
-                t_example = (adapter(example[0]),)
+            try:
+                with training_mode(adapter, False), torch.no_grad():
+                    t_example = (adapter(example[0]),)
+            except GraftError:
+                raise
+            except (RuntimeError, TypeError, ValueError) as e:  # the example's dtype or device, say
+                raise AdapterError(
+                    f"teachers.{name}.input: the input adapters cannot run on the example input (shape "
+                    f"{tuple(example[0].shape)}, dtype {example[0].dtype}): {type(e).__name__}: {clip(str(e))}"
+                ) from e
         hint = (
             f"A teacher sees the student's input: if teacher {name!r} expects another shape, give it input "
             f"adapters in the spec (teachers.{name}.input: resize, normalize, conv1x1 …)."

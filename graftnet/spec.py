@@ -8,6 +8,10 @@ silently ignored key). Nothing here imports torch or user code: model references
 from __future__ import annotations
 
 import json
+import keyword
+import reprlib
+import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,10 +35,133 @@ __all__ = [
     "Spec",
     "TeacherSpec",
     "TrainSpec",
+    "clip",
+    "input_shape_problem",
     "load_spec",
+    "parse_yaml",
     "register_method_name",
     "schema",
+    "short_repr",
+    "teacher_name_problem",
 ]
+
+# --- limits on untrusted input --------------------------------------------------------------------------------
+
+#: Seeds (``train.seed``, ``data.seed``) lie in [0, MAX_SEED]. Training derives further seeds from them (per epoch
+#: ``seed * 1_000_003 + epoch``, per born-again generation ``seed * 1000 + k``, per A3C worker ``seed * 1000 + rank``),
+#: and every derived seed must still fit the 64-bit generators of torch and numpy: with seed < 2**32, the largest,
+#: ``(seed * 1000 + k) * 1_000_003 + epoch``, stays below 2**63.
+MAX_SEED = 2**32 - 1
+#: ``train.method: ban`` trains generation k with the seed ``train.seed * BAN_SEED_STRIDE + k``.
+BAN_SEED_STRIDE = 1000
+#: One sample of ``input_shape`` holds at most this many elements (a 16-bit 4096×4096 RGB image holds 2**25.6).
+MAX_INPUT_ELEMENTS = 2**28
+#: A spec file is read up to this size, and its data may hold at most this many values, nested this deep, counted
+#: after YAML aliases are expanded (an alias bomb is a few hundred bytes that expand to billions of values).
+MAX_SPEC_BYTES = 16 * 2**20
+MAX_SPEC_VALUES = 200_000
+MAX_SPEC_DEPTH = 100
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 8, 8, 8, 8
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)`` cut to a few hundred characters, whatever its size or depth (for error messages).
+
+    Examples:
+        >>> short_repr(list(range(100)))
+        '[0, 1, 2, 3, 4, 5, 6, 7, ...]'
+    """
+    try:
+        text = _REPR.repr(value)
+    except (RecursionError, MemoryError, ValueError):  # a user object's __repr__, or an int too long to print
+        text = f"<{type(value).__name__}>"
+    return clip(text)
+
+
+def input_shape_problem(shape: object) -> str | None:
+    """Why ``shape`` cannot be one input sample's shape, or None if it can.
+
+    A shape is a non-empty list of positive integers with at most :data:`MAX_INPUT_ELEMENTS` elements in all.
+
+    Examples:
+        >>> input_shape_problem([3, 32, 32]) is None
+        True
+    """
+    if (
+        isinstance(shape, str | bytes)
+        or not isinstance(shape, list | tuple)
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        return f"input_shape must be a non-empty list of positive sizes, got {short_repr(shape)}"
+    elements = 1
+    for d in shape:  # stops early: math.prod of a long list of huge sizes takes long
+        elements *= d
+        if elements > 2**64:
+            break
+    if elements > MAX_INPUT_ELEMENTS:
+        count = str(elements) if elements <= 2**64 else "more than 2**64"
+        return (
+            f"input_shape {short_repr(list(shape))} has {count} elements per sample, more than the "
+            f"{MAX_INPUT_ELEMENTS} (2**28) graftnet accepts (graft() runs an example batch of that shape); give "
+            "the shape of one sample without the batch dimension, e.g. [3, 32, 32]"
+        )
+    return None
+
+
+def clip(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters (an exception's message, for another message)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Attribute names of nn.Module and nn.ModuleDict instances (dunders aside): a teacher becomes the attribute
+# ``teachers.NAME`` of the grafted model, and these are taken. Kept here because validating a spec never imports
+# torch; tests/test_untrusted_input.py checks that the list covers ``dir()`` of the installed torch's modules.
+_MODULE_ATTRIBUTES = frozenset("""
+    T_destination _apply _backward_hooks _backward_pre_hooks _buffers _call_impl _compiled_call_impl
+    _forward_hooks _forward_hooks_always_called _forward_hooks_with_kwargs _forward_pre_hooks
+    _forward_pre_hooks_with_kwargs _get_backward_hooks _get_backward_pre_hooks _get_name _is_full_backward_hook
+    _load_from_state_dict _load_state_dict_post_hooks _load_state_dict_pre_hooks _maybe_warn_non_full_backward_hook
+    _modules _named_members _non_persistent_buffers_set _parameters _register_load_state_dict_pre_hook
+    _register_state_dict_hook _replicate_for_data_parallel _save_to_state_dict _slow_forward _state_dict_hooks
+    _state_dict_pre_hooks _version _wrapped_call_impl add_module apply bfloat16 buffers call_super_init children
+    clear compile cpu cuda double dump_patches eval extra_repr float forward get_buffer get_extra_state
+    get_parameter get_submodule half ipu items keys load_state_dict modules mtia named_buffers named_children
+    named_modules named_parameters parameters pop register_backward_hook register_buffer register_forward_hook
+    register_forward_pre_hook register_full_backward_hook register_full_backward_pre_hook
+    register_load_state_dict_post_hook register_load_state_dict_pre_hook register_module register_parameter
+    register_state_dict_post_hook register_state_dict_pre_hook requires_grad_ set_extra_state set_submodule
+    share_memory state_dict to to_empty train training type update values xpu zero_grad
+""".split())  # fmt: skip
+
+
+def teacher_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a teacher, or None if it can.
+
+    A teacher is the attribute ``teachers.NAME`` of the grafted model and appears so in its generated code: the
+    name must be an identifier (NFKC-normal, as Python reads source), not a keyword, and not an attribute of
+    ``torch.nn.Module``/``nn.ModuleDict`` (``to``, ``training``, ``forward``, ``keys`` …).
+
+    Examples:
+        >>> teacher_name_problem("class")
+        "teacher name 'class' is a Python keyword; rename it, e.g. 'class_teacher'"
+    """
+    if not isinstance(name, str):
+        return f"teacher name {short_repr(name)} is a {type(name).__name__}; teacher names are strings"
+    shown, fix = short_repr(name), f"rename it, e.g. {short_repr(name + '_teacher')}"
+    if not name.isidentifier() or unicodedata.normalize("NFKC", name) != name:
+        return f"teacher name {shown} must be a Python identifier (letters, digits, _; not starting with a digit)"
+    if keyword.iskeyword(name):
+        return f"teacher name {shown} is a Python keyword; {fix}"
+    if name in _MODULE_ATTRIBUTES or name.startswith("__") and name.endswith("__"):
+        return (
+            f"teacher name {shown} is taken: teachers become attributes of a torch.nn.ModuleDict "
+            f"(GraftedModel.teachers.{name}), which already has an attribute {name!r}; {fix}"
+        )
+    return None
 
 
 # The names ``train.method`` accepts. The objectives themselves live in graftnet.training (which needs torch);
@@ -108,7 +235,9 @@ class TeacherSpec(_Strict):
 class SiteSpec(_Strict):
     """A student activation and the teacher activations (taps) it may mix in."""
 
-    student: str = Field(description="Activation module path, functional node name, or parent module path.")
+    student: str = Field(
+        min_length=1, description="Activation module path, functional node name, or parent module path."
+    )
     taps: list[str] = Field(min_length=1, description="Teacher activations written 'teacher:name'.")
     adapter: str | None = Field(None, description="Adapter for this site's taps; defaults to the spec's adapter.")
 
@@ -118,10 +247,10 @@ class SiteSpec(_Strict):
         for tap in taps:
             teacher, sep, name = tap.partition(":")
             if not sep or not teacher or not name:
-                raise ValueError(f"tap {tap!r} must be written 'teacher:name', e.g. 'c100:layer1.2.act2'")
+                raise ValueError(f"tap {short_repr(tap)} must be written 'teacher:name', e.g. 'c100:layer1.2.act2'")
         if len(set(taps)) != len(taps):
             dup = sorted({t for t in taps if taps.count(t) > 1})
-            raise ValueError(f"tap listed twice: {', '.join(dup)}")
+            raise ValueError(f"tap listed twice: {clip(', '.join(dup))}")
         return taps
 
 
@@ -153,7 +282,9 @@ class DataSpec(_Strict):
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Dataset options: root, download, samples ...")
     classes: list[int] | None = Field(None, description="Keep only these classes, relabelled 0..k-1 in this order.")
-    label_map: dict[int, int] | None = Field(None, description="Explicit {original: new} labels for kept classes.")
+    label_map: dict[int, int] | None = Field(
+        None, description="Explicit {original: new} labels for kept classes; labels are class indices >= 0."
+    )
     train_size: int | None = Field(None, ge=1, description="At most this many training samples (low-data tasks).")
     val_size: int | float = Field(
         0.1, description="Validation samples carved from the training split: a count, or a fraction in (0, 1)."
@@ -166,21 +297,38 @@ class DataSpec(_Strict):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(512, ge=1)
     num_workers: int = Field(0, ge=0, description="DataLoader workers (in-memory built-in data needs none).")
-    seed: int = Field(0, description="Draws the validation split and the training subset, the same for every method.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED,
+        description="Draws the validation split and the training subset, the same for every method.",
+    )  # fmt: skip
 
     @field_validator("val_size")
     @classmethod
     def _val_size(cls, v: int | float) -> int | float:
         if isinstance(v, float) and not 0.0 < v < 1.0 or isinstance(v, int) and v < 1:
-            raise ValueError(f"val_size must be a count >= 1 or a fraction in (0, 1), got {v}")
+            raise ValueError(f"val_size must be a count >= 1 or a fraction in (0, 1), got {short_repr(v)}")
         return v
 
     @field_validator("classes")
     @classmethod
     def _distinct(cls, classes: list[int] | None) -> list[int] | None:
         if classes is not None and (not classes or len(set(classes)) != len(classes)):
-            raise ValueError(f"classes must be a non-empty list without repeats, got {classes}")
+            raise ValueError(f"classes must be a non-empty list without repeats, got {short_repr(classes)}")
+        negative = [c for c in classes or () if c < 0]
+        if negative:
+            raise ValueError(f"classes are class indices >= 0, got {negative[0]}")
         return classes
+
+    @field_validator("label_map")
+    @classmethod
+    def _labels(cls, label_map: dict[int, int] | None) -> dict[int, int] | None:
+        for old, new in (label_map or {}).items():
+            if old < 0 or new < 0:
+                raise ValueError(
+                    f"label_map {{{old}: {new}}}: labels are class indices >= 0 (the new ones run 0 … k-1 for k "
+                    "classes); map every kept class to a label >= 0"
+                )
+        return label_map
 
 
 class Lambda1Spec(_Strict):
@@ -282,7 +430,7 @@ class TrainSpec(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
     weight_decay: float = Field(0.0, ge=0.0, description="Weight decay of the student (never of w).")
     schedule: Literal["constant", "cosine"] = Field("cosine", description="Learning-rate schedule over training.")
-    seed: int = Field(0, description="Initialisation, batch order, augmentation and dropout.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Initialisation, batch order, augmentation and dropout.")
     device: str = Field("cpu", description="cpu, cuda, cuda:N, or auto (cuda when available).")
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (default: torch's choice; small models run faster on 1)."
@@ -307,7 +455,7 @@ class TrainSpec(_Strict):
     def _registered(cls, method: str) -> str:
         if method not in _METHOD_NAMES:
             raise ValueError(
-                f"unknown training method {method!r}; registered: {', '.join(sorted(_METHOD_NAMES))} "
+                f"unknown training method {short_repr(method)}; registered: {', '.join(sorted(_METHOD_NAMES))} "
                 "(add one with graftnet.register_method)"
             )
         return method
@@ -358,16 +506,18 @@ class Spec(_Strict):
     @field_validator("input_shape")
     @classmethod
     def _positive(cls, shape: list[int] | None) -> list[int] | None:
-        if shape is not None and (not shape or any(d <= 0 for d in shape)):
-            raise ValueError(f"input_shape must be a non-empty list of positive sizes, got {shape}")
+        problem = None if shape is None else input_shape_problem(shape)
+        if problem is not None:
+            raise ValueError(problem)
         return shape
 
     @field_validator("teachers")
     @classmethod
     def _teacher_names(cls, teachers: dict[str, TeacherSpec]) -> dict[str, TeacherSpec]:
         for name in teachers:
-            if not name.isidentifier():
-                raise ValueError(f"teacher name {name!r} must be a Python identifier (letters, digits, _)")
+            problem = teacher_name_problem(name)
+            if problem is not None:
+                raise ValueError(problem)
         return teachers
 
     @model_validator(mode="after")
@@ -403,6 +553,15 @@ class Spec(_Strict):
                 )
         if train.method == "knowledge_flow" and not self.sites:
             raise ValueError("sites: method 'knowledge_flow' needs at least one site with taps to mix")
+        if train.method == "ban":
+            generations = (train.ban or BANSpec()).generations
+            largest = (MAX_SEED - generations) // BAN_SEED_STRIDE
+            if train.seed > largest:
+                raise ValueError(
+                    f"train.seed: method 'ban' trains generation k with the seed train.seed * {BAN_SEED_STRIDE} + k, "
+                    f"which must stay <= {MAX_SEED}; with {generations} generations train.seed must be at most "
+                    f"{largest}, got {train.seed}"
+                )
         return self
 
     def graft_part(self) -> Spec:
@@ -410,37 +569,157 @@ class Spec(_Strict):
         return self.model_copy(update={"data": None, "train": None, "rl": None})
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _dotted(loc: tuple[Any, ...] | list[Any]) -> str:
+    """A spec path as messages write it: ``sites[0].taps``, ``teachers.t.kwargs``."""
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{short_repr(p)[1:-1]}" for p in loc if p != "[key]")
+    return text.lstrip(".") + (" (a key)" if "[key]" in loc else "")
+
+
+def _format_validation_error(err: ValidationError, source: str, origins: Mapping[str, str]) -> str:
     lines = [f"invalid spec {source}:"]
-    for e in err.errors():
+    for e in err.errors(include_url=False, include_input=False):
         msg = str(e["msg"]).removeprefix("Value error, ")
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
-        lines.append(f"  {path}: {msg}" if path else f"  {msg}")
+        path = _dotted(e["loc"])
+        line = f"  {path}: {msg}" if path else f"  {msg}"
+        at = path or msg.partition(":")[0]  # a whole-spec check names its path at the start of its message
+        origin = next((o for key, o in origins.items() if _within(at, key) or _within(key, at)), None)
+        lines.append(f"{line} (from {origin})" if origin else line)
     return "\n".join(lines)
 
 
-def read_spec_file(path: Path) -> Any:
-    """The raw data of a YAML or JSON spec file, before validation."""
+def _within(path: str, prefix: str) -> bool:
+    return bool(prefix) and (path == prefix or path.startswith((prefix + ".", prefix + "[")))
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse data that is too large or too deep once YAML aliases are expanded, or that contains itself."""
+    count = 0
+    on_path: set[int] = set()
+    # (node, key in its parent, the parent's entry, depth, leaving); the parent links give the path for a message
+    stack: list[tuple[Any, Any, Any, int, bool]] = [(data, None, None, 0, False)]
+
+    def where(entry: tuple[Any, Any, Any, int, bool]) -> str:
+        loc = []
+        while entry[2] is not None:
+            loc.append(entry[1])
+            entry = entry[2]
+        return f" (at {clip(_dotted(loc[::-1]), 160)})" if loc else ""
+
+    while stack:
+        entry = stack.pop()
+        node, _, _, depth, leaving = entry
+        if leaving:
+            on_path.discard(id(node))
+            continue
+        count += 1
+        if count > MAX_SPEC_VALUES:
+            raise SpecError(
+                f"spec {source} holds more than {MAX_SPEC_VALUES} values once its YAML aliases (*name) are expanded"
+                f"{where(entry)}; a spec this large is most likely an alias bomb. Write the values out, or pass large "
+                "data through a file your dataset or model code reads"
+            )
+        if not isinstance(node, dict | list | tuple):
+            continue
+        if depth >= MAX_SPEC_DEPTH:
+            raise SpecError(f"spec {source} is nested more than {MAX_SPEC_DEPTH} levels deep{where(entry)}; flatten it")
+        if id(node) in on_path:
+            raise SpecError(
+                f"spec {source} contains itself{where(entry)}: a YAML alias (*name) refers to a node that holds it; "
+                "a spec must be a tree"
+            )
+        on_path.add(id(node))
+        stack.append((node, None, None, depth, True))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        stack.extend((value, key, entry, depth + 1, False) for key, value in items)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """The value of YAML (or JSON) ``text``, with the limits of spec files (size, depth, aliases).
+
+    Args:
+        text: the YAML text.
+        where: what the text is, for messages: ``"--set train.lr=["``, ``"spec run.yaml"``.
+
+    Raises:
+        SpecError: the text is not valid YAML, or is too large or deep once aliases are expanded.
+    """
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise SpecError(f"cannot read spec {path}: {e.strerror or e}") from e
-    if path.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"malformed JSON in {path} at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"malformed YAML in {path}{where}: {problem}") from e
+        context = getattr(e, "context", None)
+        detail = f"{problem} ({context})" if context and context != problem else problem
+        raise SpecError(f"malformed YAML in {where}{at}: {detail}") from e
+    except (ValueError, OverflowError) as e:  # an int of over 4300 digits, a date like 2001-02-30
+        raise SpecError(f"malformed YAML in {where}: a value cannot be read: {clip(str(e))}") from e
+    except RecursionError as e:
+        raise SpecError(f"malformed YAML in {where}: nested too deeply to read; flatten it") from e
+    _check_size(data, where)
+    return data
 
 
-def load_spec(spec: str | Path | dict[str, Any] | Spec) -> Spec:
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise SpecError(
+            f"spec {path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line}, column {column} "
+            f"({e.reason}); save the file as UTF-8"
+        ) from e
+
+
+def read_spec_file(path: Path) -> Any:
+    """The raw data of a YAML or JSON spec file, before validation.
+
+    Raises:
+        SpecError: the file cannot be read (missing, a directory, no permission), is not UTF-8, is malformed,
+            or is too large or deep once its YAML aliases are expanded.
+    """
+    try:
+        if path.is_dir():
+            raise SpecError(f"cannot read spec {path}: it is a directory; give the YAML or JSON spec file in it")
+        with path.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except PermissionError as e:
+        raise SpecError(f"cannot read spec {path}: permission denied; check the file's permissions") from e
+    except FileNotFoundError as e:
+        raise SpecError(f"cannot read spec {path}: no such file (relative paths start at {Path.cwd()})") from e
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte in it
+        raise SpecError(f"cannot read spec {short_repr(str(path))}: {getattr(e, 'strerror', None) or e}") from e
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec {path} is larger than {MAX_SPEC_BYTES // 2**20} MiB; a spec is a short text file")
+    text = _decode(raw, path)
+    if path.suffix != ".json":
+        return parse_yaml(text, str(path))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"malformed JSON in {path} at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except ValueError as e:  # an int of over 4300 digits
+        raise SpecError(f"malformed JSON in {path}: a value cannot be read: {clip(str(e))}") from e
+    except RecursionError as e:
+        raise SpecError(f"malformed JSON in {path}: nested too deeply to read; flatten it") from e
+    _check_size(data, str(path))
+    return data
+
+
+def load_spec(
+    spec: str | Path | Mapping[str, Any] | Spec,
+    *,
+    source: str | None = None,
+    origins: Mapping[str, str] | None = None,
+) -> Spec:
     """Validate a spec given as a YAML/JSON file path, a dict, or a :class:`Spec`.
+
+    Args:
+        spec: the spec.
+        source: what the spec is, for messages (default: the file's path, or "given as a dict").
+        origins: ``{spec path: where its value came from}`` (``{"train.lr": "--set train.lr=0.1"}``); an error at
+            or under one of these paths names where the value came from.
 
     Raises:
         SpecError: the file is unreadable or malformed, or a field is wrong; the message names its path.
@@ -453,18 +732,23 @@ def load_spec(spec: str | Path | dict[str, Any] | Spec) -> Spec:
     """
     if isinstance(spec, Spec):
         return spec
-    source = "given as a dict"
     if isinstance(spec, (str, Path)):
-        source = str(spec)
-        spec = read_spec_file(Path(spec))
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, dict):
-        raise SpecError(f"invalid spec {source}: the top level must be a mapping, got {type(spec).__name__}")
+        source = source or str(spec)
+        data = read_spec_file(Path(spec))
+    else:
+        source = source or ("given as a dict" if isinstance(spec, Mapping) else f"given as a {type(spec).__name__}")
+        data = spec
+        _check_size(data, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise SpecError(f"invalid spec {source}: the top level must be a mapping, got {type(data).__name__}")
     try:
-        return Spec.model_validate(spec)
+        return Spec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(_format_validation_error(e, source)) from e
+        raise SpecError(_format_validation_error(e, source, origins or {})) from e
+    except RecursionError as e:  # pragma: no cover - _check_size bounds the depth first
+        raise SpecError(f"invalid spec {source}: nested too deeply to validate") from e
 
 
 def schema() -> dict[str, Any]:

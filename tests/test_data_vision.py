@@ -3,11 +3,18 @@
 Each fixture writes a dozen random images per split the way the official release stores them (CIFAR's pickled
 batches, SVHN's .mat, MNIST/EMNIST idx files, STL-10's column-major binaries), so the tests catch transposes,
 channel orders, label offsets and augmentation leaking into evaluation splits, all without a network.
+
+CIFAR's batches are pickles, which graftnet unpickles only when their md5 is the one in torchvision's list for the
+official release. The tiny fixtures are not that release, so an autouse fixture points torchvision's lists at the
+fixtures' own digests (the same bytes in every test: the images are seeded); any other bytes, a planted pickle
+included, are refused exactly as a real run refuses them.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import os
 import pickle
 import struct
 from collections.abc import Callable
@@ -154,6 +161,36 @@ def _write(name: str, root: Path) -> tuple[Images, Images]:
     return train, test
 
 
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+@pytest.fixture(scope="session")
+def fixture_md5s(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
+    """{dataset: {file name: md5}} of every pickle the CIFAR writers make."""
+    sums = {}
+    for name, folder in _CIFAR_FOLDERS.items():
+        root = tmp_path_factory.mktemp(name)
+        _write(name, root)
+        sums[name] = {f.name: _md5(f) for f in (root / folder).iterdir()}
+    return sums
+
+
+@pytest.fixture(autouse=True)
+def official_release_is_the_fixture(monkeypatch: pytest.MonkeyPatch, fixture_md5s: dict[str, dict[str, str]]) -> None:
+    """torchvision's CIFAR md5 lists, with each digest replaced by the fixture file's (restored after each test)."""
+    from torchvision import datasets
+
+    for cls, name in ((datasets.CIFAR10, "cifar10"), (datasets.CIFAR100, "cifar100")):
+        sums = fixture_md5s[name]
+        monkeypatch.setattr(cls, "train_list", [[f, sums[f]] for f, _ in cls.train_list])
+        monkeypatch.setattr(cls, "test_list", [[f, sums[f]] for f, _ in cls.test_list])
+        monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": sums[cls.meta["filename"]]})
+
+
 def _tensor(image: np.ndarray) -> torch.Tensor:
     """What ToTensor makes of an upright uint8 image: (C, H, W) float32 in [0, 1]."""
     t = torch.from_numpy(image)
@@ -272,13 +309,27 @@ def test_missing_files_error_names_the_relative_root_and_only_what_is_missing(
     assert f"{tmp_path} (data.kwargs.root '.')" in str(info.value)
 
 
-def test_unreadable_file_is_a_data_error_with_its_cause(tmp_path: Path) -> None:
+def test_unreadable_file_is_a_data_error_with_its_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision import datasets
+
     _write("cifar10", tmp_path)
-    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    garbage = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    garbage.write_bytes(b"not a pickle")
+    # Listed as official, so it gets past the checksum to the unpickler, whose error must come out as a DataError.
+    listed = [[f, _md5(garbage) if f == garbage.name else md5] for f, md5 in datasets.CIFAR10.train_list]
+    monkeypatch.setattr(datasets.CIFAR10, "train_list", listed)
     with pytest.raises(
         DataError, match=r"cifar10: could not read the dataset under .*data\.kwargs\.download: true"
     ) as info:
         make_splits("cifar10", {"root": str(tmp_path)})
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+
+
+def test_unreadable_mat_file_is_a_data_error_with_its_cause(tmp_path: Path) -> None:
+    _write("svhn", tmp_path)
+    (tmp_path / "test_32x32.mat").write_bytes(b"not a MATLAB file")
+    with pytest.raises(DataError, match=r"svhn: could not read the dataset under") as info:
+        make_splits("svhn", {"root": str(tmp_path)})
     assert info.value.__cause__ is not None
 
 
@@ -315,3 +366,153 @@ def test_torchvision_is_imported_lazily() -> None:
         n.module or "" for n in top if isinstance(n, ast.ImportFrom)
     }
     assert not {m for m in names if m.split(".")[0] in {"torchvision", "PIL", "scipy"}}
+
+
+class _Planted:
+    """Unpickling it opens ``marker`` for writing, creating the file: any command could run the same way."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (self.marker, "w")
+
+
+def _plant(path: Path, marker: Path) -> bytes:
+    payload = pickle.dumps(_Planted(marker), protocol=2)
+    path.write_bytes(payload)
+    return payload
+
+
+def test_the_planted_payload_runs_when_unpickled(tmp_path: Path) -> None:
+    """The probe is live: unpickling what the tests below plant does create the marker."""
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_Planted(marker))).close()
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "file"),
+    [("cifar10", "data_batch_1"), ("cifar10", "batches.meta"), ("cifar100", "train"), ("cifar100", "meta")],
+)
+def test_planted_pickle_is_refused_before_anything_unpickles_it(
+    name: str, file: str, tmp_path: Path, fixture_md5s: dict[str, dict[str, str]]
+) -> None:
+    root, marker = tmp_path / "data", tmp_path / "ran"
+    _write(name, root)
+    planted = root / _CIFAR_FOLDERS[name] / file
+    found = hashlib.md5(_plant(planted, marker), usedforsecurity=False).hexdigest()
+    with pytest.raises(DataError) as info:
+        make_splits(name, {"root": str(root), "download": False})
+    assert not marker.exists(), "the planted pickle was unpickled"
+    message = str(info.value)
+    assert str(planted) in message and found in message and fixture_md5s[name][file] in message
+    assert "pickle" in message and "arbitrary code" in message
+    assert "remove the file" in message and "data.kwargs.download: true" in message and "data.kwargs.root" in message
+    assert info.value.__cause__ is None  # refused by graftnet's check, not a wrapped unpickling error
+
+
+def test_torchvisions_own_md5_list_is_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With torchvision's real lists, files that are not the official release (the tiny fixtures) are refused."""
+    monkeypatch.undo()  # drops the autouse fixture's stand-in digests
+    from torchvision import datasets
+
+    _write("cifar10", tmp_path)
+    first, official = datasets.CIFAR10.train_list[0]
+    with pytest.raises(DataError, match=rf"refusing to read .*{first}.*{official}"):
+        make_splits("cifar10", {"root": str(tmp_path)})
+
+
+def test_relative_root_is_named_in_the_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write("cifar10", tmp_path)
+    _plant(tmp_path / "cifar-10-batches-py" / "test_batch", tmp_path / "ran")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"test_batch \(dataset folder .* \(data\.kwargs\.root '\.'\)\)"):
+        make_splits("cifar10", {"root": "."})
+    assert not (tmp_path / "ran").exists()
+
+
+def test_download_replaces_a_planted_pickle_with_the_official_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision import datasets
+    from torchvision.datasets import utils
+
+    root, marker, fetched = tmp_path / "data", tmp_path / "ran", tmp_path / "fetched"
+    train, _ = _write("cifar10", root)
+    _plant(root / "cifar-10-batches-py" / "data_batch_1", marker)
+    _write("cifar10", fetched)  # what the (faked) official archive extracts to
+    calls = []
+
+    def download(url: str, download_root: str, **kwargs: object) -> None:
+        calls.append(url)
+        for f in (fetched / "cifar-10-batches-py").iterdir():
+            (Path(download_root) / "cifar-10-batches-py" / f.name).write_bytes(f.read_bytes())
+
+    monkeypatch.setattr(utils, "download_and_extract_archive", download)
+    source = DATASETS.get("cifar10")(root=root, download=True)
+    assert calls == [datasets.CIFAR10.url] and not marker.exists()
+    assert source.train_targets.tolist() == train.y.tolist()
+    DATASETS.get("cifar10")(root=root, download=True)  # every file now matches: nothing is fetched again
+    assert len(calls) == 1
+
+
+def test_download_that_leaves_a_wrong_pickle_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.datasets import utils
+
+    marker = tmp_path / "ran"
+    _write("cifar100", tmp_path)
+    _plant(tmp_path / "cifar-100-python" / "meta", marker)
+    monkeypatch.setattr(utils, "download_and_extract_archive", lambda *args, **kwargs: None)
+    with pytest.raises(DataError, match=r"cifar100: refusing to read .*meta"):
+        make_splits("cifar100", {"root": str(tmp_path), "download": True})
+    assert not marker.exists()
+
+
+def test_each_pickle_is_hashed_once_per_process_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write("cifar10", tmp_path)
+    hashed: list[str] = []
+    real = vision._hash_file
+
+    def counting(path: Path) -> str:
+        hashed.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(vision, "_hash_file", counting)
+    for _ in range(3):
+        make_splits("cifar10", {"root": str(tmp_path)}, val_size=N_VAL)
+    assert sorted(hashed) == sorted(f.name for f in (tmp_path / "cifar-10-batches-py").iterdir())
+    # The same size and, set back, the same modification time: the change time still tells the rewrite apart.
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    before = batch.stat()
+    data = bytearray(batch.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    batch.write_bytes(bytes(data))
+    os.utime(batch, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(DataError, match="refusing to read .*data_batch_2"):
+        make_splits("cifar10", {"root": str(tmp_path)}, val_size=N_VAL)
+    assert hashed.count("data_batch_2") == 2
+
+
+@pytest.mark.parametrize("name", ["mnist", "emnist_letters"])
+def test_legacy_processed_files_are_never_loaded(name: str, tmp_path: Path) -> None:
+    """torchvision prefers MNIST/EMNIST's old ``processed/*.pt`` (``torch.load``) to raw/; graftnet reads raw/ only."""
+    from torchvision import datasets
+
+    root, marker = tmp_path / "data", tmp_path / "ran"
+    _, test = _write(name, root)
+    cls = datasets.MNIST if name == "mnist" else datasets.EMNIST
+    probe = cls.__new__(cls)  # where this torchvision looks for the legacy files
+    probe.root = str(root)
+    if cls is datasets.EMNIST:
+        probe.training_file, probe.test_file = cls._training_file("letters"), cls._test_file("letters")
+    processed = Path(probe.processed_folder)
+    processed.mkdir(parents=True)
+    for file in (probe.training_file, probe.test_file):
+        _plant(processed / file, marker)
+    assert probe._check_legacy_exist(), "planted where torchvision would load it"
+    source = DATASETS.get(name)(root=root, download=False)
+    assert not marker.exists()
+    assert source.test_targets is not None and source.test_targets.tolist() == test.y.tolist()

@@ -218,3 +218,92 @@ def test_graftnet_train_on_an_image_folder(tmp_path: Path, monkeypatch: pytest.M
     assert main(["train", "spec.json", "--out", "run", "--no-progress", "--no-tensorboard"]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["test_error"] is not None and results["epochs"] == 2
+
+
+def test_a_diverging_run_stops_before_it_saves_or_exports_a_broken_student(tmp_path: Path) -> None:
+    # SGD at lr 1e6: the loss may stay finite for a while, BatchNorm statistics do not
+    spec = {"train": {"method": "scratch", "epochs": 3, "optimizer": "sgd", "lr": 1e6, "momentum": 0.0}}
+    student = graftnet.build_model("graftnet:cnn1d", {"num_classes": 3, "channels": [8, 8]})
+    with pytest.raises(TrainingError, match="not finite|NaN or infinite"):
+        graftnet.fit(student, None, spec, train=_data(64, 1), val=_data(20, 2), run_dir=tmp_path / "run",
+                     progress=False, tensorboard=False)  # fmt: skip
+    assert not (tmp_path / "run" / "student.safetensors").exists()
+    if (tmp_path / "run" / "checkpoint.safetensors").exists():  # whatever was saved is finite
+        saved = load_file(tmp_path / "run" / "checkpoint.safetensors")
+        assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+
+
+def test_non_finite_state_is_named(tmp_path: Path) -> None:
+    from graftnet.training.guards import check_finite_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    check_finite_state(model, "here")  # a healthy model passes
+    model[1].running_var[1] = float("inf")
+    with pytest.raises(TrainingError, match=r"here: 1.running_var has 1 of 3 values that are NaN or infinite"):
+        check_finite_state(model, "here")
+
+
+def test_nan_in_the_validation_data_stops_the_run(tmp_path: Path) -> None:
+    val = _data(20, 2)
+    val.tensors[0][3, 0, 5] = float("nan")
+    with pytest.raises(TrainingError, match="validation loss is not finite after epoch 1"):
+        graftnet.fit(_cnn(0), None, {"train": {"method": "scratch", "epochs": 2}}, train=_data(32, 1), val=val,
+                     run_dir=tmp_path / "run", progress=False, tensorboard=False)  # fmt: skip
+
+
+def _scratch_run(run_dir: Path, **kwargs: Any) -> graftnet.RunResult:
+    return graftnet.fit(_cnn(0), None, {"train": {"method": "scratch", "epochs": 2}}, train=_data(32, 1),
+                        val=_data(20, 2), run_dir=run_dir, progress=False, **kwargs)  # fmt: skip
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_by_starting_again(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    full = _scratch_run(tmp_path / "full", tensorboard=False)
+    _scratch_run(run, tensorboard=False)
+    for name in ("checkpoint.safetensors", "student.safetensors", "results.json", "metrics.csv"):
+        (run / name).unlink()  # what a SIGKILL in the first epoch leaves: spec.json and run.json
+    (run / ".checkpoint.safetensors.x1y2.tmp").write_bytes(b"half a file")  # and perhaps a half-written save
+    with pytest.raises(TrainingError, match="pass --resume to continue it .*starts again.* or --overwrite"):
+        _scratch_run(run, tensorboard=False)
+    again = _scratch_run(run, resume=True, tensorboard=False)
+    assert again.test_error == full.test_error and again.interrupted is None
+    assert not list(run.glob(".*.tmp"))  # the leftover is gone
+
+
+def test_overwrite_clears_the_previous_runs_logs(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _scratch_run(run, tensorboard=True)
+    (run / "my_notes.txt").write_text("kept")
+    _scratch_run(run, tensorboard=True, overwrite=True)
+    events = list((run / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1  # one run's events, not two runs mixed
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs
+    assert (run / "my_notes.txt").read_text() == "kept"  # only graftnet's own files are removed
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing", "int64"])
+def test_resuming_a_finished_run_from_a_damaged_checkpoint_keeps_the_good_student(tmp_path: Path, damage: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    _scratch_run(run, tensorboard=False)
+    ckpt = run / "checkpoint.safetensors"
+    good_student, good_results = (run / "student.safetensors").read_bytes(), (run / "results.json").read_bytes()
+    if damage == "flip":
+        data = bytearray(ckpt.read_bytes())
+        data[-100] ^= 0x01  # a bit in the last tensor's bytes
+        ckpt.write_bytes(bytes(data))
+    else:
+        with safe_open(str(ckpt), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        key = next(k for k in tensors if k.startswith("student.") and k.endswith("weight"))
+        if damage == "missing":
+            del tensors[key]
+        else:
+            tensors[key] = tensors[key].to(torch.int64)
+        save_file(tensors, str(ckpt), metadata=meta)
+    with pytest.raises(graftnet.CheckpointError):
+        _scratch_run(run, resume=True, tensorboard=False)
+    assert (run / "student.safetensors").read_bytes() == good_student
+    assert (run / "results.json").read_bytes() == good_results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -211,3 +212,55 @@ def test_rl_methods_are_the_ones_that_apply() -> None:
         graftnet.load_spec({"student": BREAKOUT, "rl": {"env": "MinAtar/Breakout-v1"}, "teachers": {"t": BREAKOUT},
                             "train": {"method": "kd", "kd": {"teacher": "t"}}})  # fmt: skip
     assert "knowledge_flow" in METHODS
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        found += [int(c) for c in task.read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has exited; nobody is left to reap it in some containers
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc (Linux)")
+def test_a3c_workers_die_with_their_parent_even_on_sigkill(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = _spec(tmp_path, "scratch", frames=10_000_000, algorithm="a3c", workers=2)
+    (tmp_path / "spec.json").write_text(json.dumps(spec.model_dump(mode="json")))
+    main = subprocess.Popen(
+        [sys.executable, "-m", "graftnet", "train", str(tmp_path / "spec.json"), "--out", str(tmp_path / "run"),
+         "--no-progress", "--no-tensorboard"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.2)
+            workers = [c for c in _children(main.pid) if _alive(c)]
+        assert len(workers) >= 2, "the A3C workers did not start"
+        time.sleep(1.0)  # let them get into their update loop
+        os.kill(main.pid, signal.SIGKILL)
+        main.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "workers outlived the killed parent"
+    finally:
+        if main.poll() is None:
+            main.kill()
+        for w in _children(main.pid):
+            with contextlib.suppress(OSError):
+                os.kill(w, signal.SIGKILL)

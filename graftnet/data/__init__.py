@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from graftnet.data.sources import DATASETS, Source, Splits, TensorData, register_dataset
-from graftnet.errors import DataError, SpecError
+from graftnet.errors import DataError, GraftError, SpecError
+from graftnet.spec import MAX_SEED, clip, short_repr
 
 if TYPE_CHECKING:
     from graftnet.spec import Spec
@@ -146,6 +147,9 @@ def make_splits(
         >>> len(s.train), len(s.val), s.num_classes
         (30, 50, 3)
     """
+    if not _is_label(seed) or not 0 <= operator.index(seed) <= MAX_SEED:
+        raise DataError(f"data.seed must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {short_repr(seed)}")
+    seed = operator.index(seed)  # a numpy integer, say: torch's generators take ints only
     built = _build(dataset, dict(kwargs or {}), augment)
     if isinstance(built, Source) and built.val is not None:
         train = built.train if augment else built.train_eval
@@ -168,7 +172,7 @@ def _build(dataset: str, kwargs: dict[str, Any], augment: bool) -> Source | Spli
             builder = DATASETS.get(dataset)
         except DataError as e:  # keeps the registry's "did you mean" list; adds where, and the other way
             raise DataError(f"data.dataset: {e}. Or name your own code as 'package.module:callable'.") from None
-        return builder(augment=augment, **kwargs)
+        return _call_builder(dataset, builder, kwargs, augment)
     result = _call_reference(dataset, kwargs, augment)
     if isinstance(result, Splits):
         _check_given(dataset, result)
@@ -178,6 +182,41 @@ def _build(dataset: str, kwargs: dict[str, Any], augment: bool) -> Source | Spli
     if isinstance(result, Mapping):
         return _from_mapping(dataset, result)
     raise DataError(f"data.dataset: {dataset} returned a {type(result).__name__}; it must return {_RETURNS}")
+
+
+# What a registered builder raises for an option value it cannot use ('<' between a str and an int, a seed out of
+# numpy's range); named and placed at data.kwargs by _call_builder. GraftErrors (a builder's own DataError) pass.
+_BUILDER_ERRORS = (TypeError, ValueError, OverflowError)
+
+
+def _call_builder(dataset: str, builder: Any, kwargs: dict[str, Any], augment: bool) -> Source:
+    """``builder(augment=augment, **kwargs)``, its options checked against its signature first."""
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):  # no signature to inspect (some C callables): the call itself will say
+        signature = None
+    accepted = "none"
+    if signature is not None:
+        params = [p for p in signature.parameters.values() if p.name != "augment"]
+        accepted = ", ".join(
+            f"{p.name}={short_repr(p.default)}" if p.default is not p.empty else p.name for p in params
+        )
+        try:
+            signature.bind(augment=augment, **kwargs)
+        except TypeError as e:
+            raise DataError(
+                f"data.kwargs: dataset {dataset!r} does not take {short_repr(kwargs)} ({e}); its options are "
+                f"{accepted or 'none'}"
+            ) from e
+    try:
+        return builder(augment=augment, **kwargs)  # type: ignore[no-any-return]
+    except GraftError:
+        raise
+    except _BUILDER_ERRORS as e:
+        raise DataError(
+            f"data.kwargs: dataset {dataset!r} cannot be built with {short_repr(kwargs)}: {type(e).__name__}: "
+            f"{clip(str(e))}; check the values (its options: {accepted or 'none'})"
+        ) from e
 
 
 def _draw(
@@ -433,8 +472,8 @@ def _from_mapping(ref: str, result: Mapping[Any, Any]) -> Source | Splits:
         num_classes = high + 1
     elif not _is_label(num_classes) or operator.index(num_classes) < 1:
         raise DataError(
-            f"data.dataset: {ref} returned num_classes {num_classes!r}; it must be a positive integer, or left out "
-            f"to count the classes from the labels"
+            f"data.dataset: {ref} returned num_classes {short_repr(num_classes)}; it must be a positive integer, or "
+            f"left out to count the classes from the labels"
         )
     elif high >= operator.index(num_classes):
         raise DataError(

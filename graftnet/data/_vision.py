@@ -15,13 +15,25 @@ Every builder takes the same options (``data.kwargs`` in a spec):
 - ``augment`` (set by :func:`~graftnet.data.make_splits`): the standard training augmentation on ``train``;
   ``train_eval`` and ``test`` are never augmented.
 
-Checksums: torchvision checks the md5 of every CIFAR, SVHN and STL-10 file each time it opens them, even with
-``download=False``. That rejects any copy that is not the byte-exact official release (re-packed mirrors,
-the tiny fixtures the tests write), hashes hundreds of MB on every run, and for STL-10 demands the 2.6 GB
-unlabelled split these builders never read. So with ``download=False`` the files only have to be present and
-parse (a wrong or truncated file still fails loudly, as a ``DataError``, when its arrays or labels come out
-wrong); with ``download=True`` torchvision's checksums decide whether to fetch a file again, which is where
-they mean something.
+Checksums and pickles: the CIFAR-10 and CIFAR-100 files are Python pickles, and unpickling a file can run any
+code its author chose, so graftnet itself checks every one of them (CIFAR-10's ``data_batch_1`` … ``data_batch_5``,
+``test_batch`` and ``batches.meta``; CIFAR-100's ``train``, ``test`` and ``meta``) against the md5 sums in
+torchvision's own lists (``CIFAR10.train_list``, ``test_list`` and ``meta``, and CIFAR100's) before anything
+unpickles them, with ``download`` on or off. A file whose md5 differs is refused with a
+:class:`~graftnet.errors.DataError` naming the file and both digests: only the byte-exact official release is
+ever unpickled, and there is no option to unpickle anything else (md5 is broken for collisions, not for matching
+a digest someone else published, which is what a planted file would need). Each file is hashed once per process:
+the digest is kept for as long as its path, device, inode, size, modification and change times stay the same.
+
+The other datasets are not pickles and are parsed as data by torchvision, without the md5 check it would
+otherwise repeat on every open: SVHN's ``.mat`` files through ``scipy.io.loadmat`` (MATLAB arrays, which cannot
+carry code), STL-10's ``.bin`` and MNIST/EMNIST's idx ``-ubyte`` files as raw bytes. torchvision's md5 list for
+those would reject any copy that is not byte-exact (re-packed mirrors, the tiny fixtures the tests write), rehash
+hundreds of MB on every run, and for STL-10 demand the 2.6 GB unlabelled split these builders never read, so with
+``download=False`` they only have to be present and parse (a wrong or truncated file still fails loudly, as a
+``DataError``, when its arrays or labels come out wrong); with ``download=True`` torchvision's checksums decide
+whether to fetch a file again. MNIST and EMNIST are always read from ``raw/``: torchvision's legacy
+``processed/*.pt`` files (loaded with ``torch.load``) are never opened, whatever is there.
 
 Examples:
     >>> from graftnet.data.sources import make_splits
@@ -32,6 +44,7 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,18 +127,75 @@ def _no_md5(entries: list[list[str]]) -> list[list[str | None]]:
     return [[*entry[:-1], None] for entry in entries]
 
 
+class _UnofficialFileError(Exception):
+    """A pickled file whose md5 is not the official one; :func:`_build` turns it into a :class:`DataError`."""
+
+    def __init__(self, file: Path, expected: str, found: str) -> None:
+        super().__init__(f"{file}: md5 {found}, expected {expected}")
+        self.file, self.expected, self.found = file, expected, found
+
+
+_MD5S: dict[tuple[str, int, int, int, int, int], str] = {}  # (path, st_dev, st_ino, size, mtime_ns, ctime_ns) -> md5
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)  # torchvision publishes md5 sums; see the module docstring
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _md5(path: Path) -> str:
+    """``path``'s md5, hashed once per process for as long as the file's identity, size and times are unchanged.
+
+    The change time is in the key as well as the modification time: ``os.utime`` can set the latter back after
+    rewriting a file, not the former.
+    """
+    st = path.stat()
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _MD5S:
+        _MD5S[key] = _hash_file(path)
+    return _MD5S[key]
+
+
+def _pickled_files(stock: Any) -> list[tuple[str, str]]:
+    """(file name, official md5) for every pickle torchvision's CIFAR class ``stock`` unpickles, from its lists."""
+    entries = [*stock.train_list, *stock.test_list, [stock.meta["filename"], stock.meta["md5"]]]
+    return [(str(name), str(md5)) for name, md5 in entries]
+
+
+def _first_unofficial(stock: Any, folder: Path) -> _UnofficialFileError | None:
+    for name, expected in _pickled_files(stock):
+        file = folder / name
+        found = _md5(file) if file.is_file() else "absent"
+        if found != expected:
+            return _UnofficialFileError(file, expected, found)
+    return None
+
+
 def _cifar(root: str, download: bool, *, hundred: bool) -> tuple[_Split, _Split]:
     from torchvision import datasets
 
     stock = datasets.CIFAR100 if hundred else datasets.CIFAR10
-    unverified = _without_md5(
+    folder = Path(root) / stock.base_folder
+    # Every pickle is checked against torchvision's md5 list before anything unpickles it (module docstring).
+    unofficial = _first_unofficial(stock, folder)
+    if unofficial is not None and download:  # as torchvision's download(): fetch the archive unless all files match
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(stock.url, root, filename=stock.filename, md5=stock.tgz_md5)
+        unofficial = _first_unofficial(stock, folder)
+    if unofficial is not None:
+        raise unofficial
+    # Verified just above, so torchvision need not hash the same files again: it only asks that they exist.
+    verified = _without_md5(
         stock,
         train_list=_no_md5(stock.train_list),
         test_list=_no_md5(stock.test_list),
         meta={**stock.meta, "md5": None},
     )
-    train = (stock if download else unverified)(root, train=True, download=download)
-    test = unverified(root, train=False)  # one archive holds both splits; with download on, the line above verified it
+    train, test = verified(root, train=True), verified(root, train=False)
     return (
         _Split(train.data, torch.tensor(train.targets, dtype=torch.long)),
         _Split(test.data, torch.tensor(test.targets, dtype=torch.long)),
@@ -162,19 +232,35 @@ def _stl10(root: str, download: bool) -> tuple[_Split, _Split]:
     return _channels_last(train.data, train.labels), _channels_last(test.data, test.labels)
 
 
+def _raw_only(cls: type) -> type:
+    """``cls`` (MNIST or EMNIST) that never looks at torchvision's legacy ``processed/*.pt`` files.
+
+    torchvision prefers those files when both exist and reads them with ``torch.load`` (some of its versions
+    without ``weights_only=True``, which unpickles arbitrary objects). The subclass keeps ``cls``'s name, since
+    torchvision derives the ``root/<name>/raw`` folder from it, and reads the idx files there as plain bytes.
+    """
+
+    def _check_legacy_exist(self: Any) -> bool:
+        return False
+
+    return type(cls.__name__, (cls,), {"_check_legacy_exist": _check_legacy_exist})
+
+
 def _mnist(root: str, download: bool) -> tuple[_Split, _Split]:
     from torchvision import datasets
 
-    train = datasets.MNIST(root, train=True, download=download)  # fetches all four files
-    test = datasets.MNIST(root, train=False)
+    cls = _raw_only(datasets.MNIST)
+    train = cls(root, train=True, download=download)  # fetches all four files
+    test = cls(root, train=False)
     return _Split(train.data.numpy(), train.targets), _Split(test.data.numpy(), test.targets)
 
 
 def _emnist(root: str, download: bool, *, split: str) -> tuple[_Split, _Split]:
     from torchvision import datasets
 
-    train = datasets.EMNIST(root, split=split, train=True, download=download)  # one archive holds every split
-    test = datasets.EMNIST(root, split=split, train=False)
+    cls = _raw_only(datasets.EMNIST)
+    train = cls(root, split=split, train=True, download=download)  # one archive holds every split
+    test = cls(root, split=split, train=False)
     offset = 1 if split == "letters" else 0  # letters are labelled 1 … 26 (0 is an unused "N/A" class)
     # EMNIST's files store each image transposed (NIST's column-major conversion) and torchvision serves them
     # as stored; swapping H and W makes characters upright, as MNIST's are, so flips and crops mean the same.
@@ -188,11 +274,29 @@ def _resolve(root: Root) -> Path:
     return Path(root).expanduser().absolute()
 
 
+def _where(root: Root, path: Path) -> str:
+    return f"{path}" if Path(root).expanduser().is_absolute() else f"{path} (data.kwargs.root {str(root)!r})"
+
+
+def _refusal(info: _Info, e: _UnofficialFileError, where: str) -> DataError:
+    if e.found == "absent":
+        found = "the file is absent"
+    else:
+        found = f"its md5 is {e.found}, but the official release's is {e.expected} (torchvision's checksum list)"
+    return DataError(
+        f"{info.name}: refusing to read {e.file} (dataset folder {where}): {found}. The {info.name} files are "
+        f"Python pickles, and unpickling a file can run arbitrary code, so graftnet unpickles only the byte-exact "
+        f"official files. Fix: remove the file (if you did not put it there, treat it as hostile) and fetch the "
+        f"official release with data.kwargs.download: true, on a machine with internet if this one has none "
+        f"(then copy the folder {e.file.parent.name}/ here), or point data.kwargs.root at a verified copy."
+    )
+
+
 def _require_files(info: _Info, root: Root, path: Path) -> None:
     missing = [f for f in info.files if not (path / f).is_file()]
     if not missing:
         return
-    where = f"{path}" if Path(root).expanduser().is_absolute() else f"{path} (data.kwargs.root {str(root)!r})"
+    where = _where(root, path)
     which = "all of them" if len(missing) == len(info.files) else ", ".join(missing)
     raise DataError(
         f"{info.name}: dataset files not found under {where}, and data.kwargs.download is false. Expected there: "
@@ -237,6 +341,8 @@ def _build(
         _require_files(info, root, path)
     try:
         train, test = read(str(path), download)
+    except _UnofficialFileError as e:
+        raise _refusal(info, e, _where(root, path)) from None
     except Exception as e:  # torchvision, pickle, scipy.io and numpy each raise their own types for bad files
         if download:
             action, fix = (
@@ -340,8 +446,9 @@ _EMNIST_DIGITS = _Info("emnist_digits", _emnist_files("digits"), 10, (1, 28, 28)
 def cifar10(*, augment: bool = True, root: Root = "data", download: bool = False, normalize: bool = True) -> Source:
     """CIFAR-10: 50 000 training and 10 000 test 32×32 colour images of 10 classes.
 
-    Files: ``root/cifar-10-batches-py/`` (the python version's pickled batches). Augmentation (Huang et al.,
-    DenseNet): ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip``. Options: see the module docstring.
+    Files: ``root/cifar-10-batches-py/`` (the python version's pickled batches, each checked against
+    torchvision's md5 sums before it is unpickled). Augmentation (Huang et al., DenseNet):
+    ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip``. Options: see the module docstring.
     """
     return _build(
         _CIFAR10, partial(_cifar, hundred=False), augment=augment, root=root, download=download, normalize=normalize
@@ -352,7 +459,8 @@ def cifar10(*, augment: bool = True, root: Root = "data", download: bool = False
 def cifar100(*, augment: bool = True, root: Root = "data", download: bool = False, normalize: bool = True) -> Source:
     """CIFAR-100: 50 000 training and 10 000 test 32×32 colour images of 100 (fine) classes.
 
-    Files: ``root/cifar-100-python/``. Augmentation as CIFAR-10's. Options: see the module docstring.
+    Files: ``root/cifar-100-python/`` (pickles, checked as CIFAR-10's). Augmentation as CIFAR-10's. Options:
+    see the module docstring.
     """
     return _build(
         _CIFAR100, partial(_cifar, hundred=True), augment=augment, root=root, download=download, normalize=normalize

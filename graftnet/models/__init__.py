@@ -23,6 +23,7 @@ from graftnet.models.convnets import Convnet, cnn1d, convnet, densenet_cifar
 from graftnet.models.mlp import MLP, mlp
 from graftnet.models.wide_resnet import WideResNet, wide_resnet_cifar
 from graftnet.registry import Registry
+from graftnet.spec import clip, short_repr
 
 __all__ = [
     "A3CNet",
@@ -59,7 +60,7 @@ def _no_download(ref: str, kwargs: dict[str, Any], *keys: str) -> None:
     for key in keys:
         if kwargs.get(key) not in (None, False):
             raise ModelSourceError(
-                f"{ref}: {key}={kwargs[key]!r} would download weights, and graftnet never downloads; "
+                f"{ref}: {key}={short_repr(kwargs[key])} would download weights, and graftnet never downloads; "
                 "give trained weights as a local .safetensors or .pth file in 'weights'"
             )
 
@@ -93,7 +94,7 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _bad(ref: str, key: str, value: object, want: str) -> ModelSourceError:
-    return ModelSourceError(f"{ref}: {key} must be {want}, got {value!r}")
+    return ModelSourceError(f"{ref}: {key} must be {want}, got {short_repr(value)}")
 
 
 def _is_int(value: object) -> bool:
@@ -272,7 +273,7 @@ def build_model(
     except _CONSTRUCTOR_ERRORS as e:
         fix = f"fix {where}.kwargs" if where else "fix the kwargs"
         raise ModelSourceError(
-            f"{at}cannot build {ref} with kwargs {kwargs}: {type(e).__name__}: {e}; {fix} "
+            f"{at}cannot build {ref} with kwargs {short_repr(kwargs)}: {type(e).__name__}: {clip(str(e))}; {fix} "
             "(they are passed to the constructor as keyword arguments)"
         ) from e
     if not isinstance(model, nn.Module):
@@ -389,8 +390,8 @@ def _unwrap(obj: object, what: str) -> tuple[Mapping[str, Any], list[str]]:
     if not wrappers:
         key, value = bad
         raise ModelSourceError(
-            f"{what} holds {type(value).__name__} {value!r:.60} under {key!r}, but a state dict maps parameter "
-            f"names to tensors only (graftnet unwraps a checkpoint with exactly one of "
+            f"{what} holds {type(value).__name__} {short_repr(value)} under {short_repr(key)}, but a state dict maps "
+            f"parameter names to tensors only (graftnet unwraps a checkpoint with exactly one of "
             f"{', '.join(map(repr, _WRAPPER_KEYS))} beside other entries); re-save the weights alone with "
             "`torch.save(model.state_dict(), path)`"
         )
@@ -400,8 +401,8 @@ def _unwrap(obj: object, what: str) -> tuple[Mapping[str, Any], list[str]]:
     if inner is not None:
         key, value = inner
         raise ModelSourceError(
-            f"{what}: its {wrapper!r} entry holds {type(value).__name__} {value!r:.60} under {key!r}, but a state "
-            "dict maps parameter names to tensors only; re-save the weights alone with "
+            f"{what}: its {wrapper!r} entry holds {type(value).__name__} {short_repr(value)} under {short_repr(key)}, "
+            "but a state dict maps parameter names to tensors only; re-save the weights alone with "
             "`torch.save(model.state_dict(), path)`"
         )
     rest = [repr(k) for k in obj if k != wrapper]

@@ -8,8 +8,12 @@ checkpoints from what the workers report, and stops them all — keeping the che
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import queue
+import signal
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -23,6 +27,7 @@ from graftnet.rl.a2c import Collector, a2c_update
 from graftnet.rl.envs import env_info, make_env
 from graftnet.rl.runs import RL_COLUMNS, ReturnLog, build_agent, finish_rl
 from graftnet.spec import Spec
+from graftnet.training.guards import check_finite_state
 from graftnet.training.metrics import MetricsLog, p_w_columns
 from graftnet.training.objectives import Objective
 from graftnet.training.optim import lr_factor, make_optimizer, set_lr
@@ -48,11 +53,29 @@ def _share_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     value.share_memory_()
 
 
+def _die_with_parent(parent: int) -> None:
+    """Make this worker end when the main process does, even when that is killed with SIGKILL.
+
+    Daemon processes are only terminated by a parent that exits normally; a killed parent would leave its
+    workers running, holding its stdout/stderr open. On Linux the kernel sends SIGKILL on the parent's death
+    (PR_SET_PDEATHSIG); elsewhere the update loop notices the new parent id.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # no prctl: the loop's parent check still applies
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _worker(
     rank: int, spec: Spec, objective: Objective, optimizer: torch.optim.Optimizer, example: torch.Tensor,
-    frames: Any, stop: Any, reports: Any,
+    frames: Any, stop: Any, reports: Any, parent: int,
 ) -> None:  # fmt: skip
     """One A3C learner: its own environments and RNG, the shared model and optimizer."""
+    _die_with_parent(parent)
     assert spec.rl is not None and spec.train is not None
     rl, t = spec.rl, spec.train
     torch.set_num_threads(1)  # the workers are the parallelism; OpenMP pools inherited across fork can hang
@@ -64,7 +87,7 @@ def _worker(
         collector = Collector(env, device)
         base_lrs = [group["lr"] for group in optimizer.param_groups]
         objective.steps = 0  # this worker's own updates: the θ_old refresh counts them
-        while not stop.is_set():
+        while not stop.is_set() and os.getppid() == parent:
             with frames.get_lock():
                 done_frames = frames.value
             if done_frames >= rl.frames:
@@ -124,7 +147,8 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
     stop = ctx.Event()
     reports = ctx.Queue()
     workers = [
-        ctx.Process(target=_worker, args=(r, spec, objective, optimizer, example, frames, stop, reports), daemon=True)
+        ctx.Process(target=_worker, args=(r, spec, objective, optimizer, example, frames, stop, reports, os.getpid()),
+                    daemon=True)
         for r in range(rl.workers)
     ]
     columns = p_w_columns(g)
@@ -139,6 +163,7 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
         # Hogwild: the workers may be mid-step; the checkpoint holds the shared parameters as they are now.
         state = {"step": update, "frames": now_frames, "seconds": seconds + time.perf_counter() - began,
                  "teachers_cut": cut, "finished": finished}  # fmt: skip
+        check_finite_state(g, f"{now_frames:,} frames", f"The last good checkpoint is {str(ckpt)!r}.")
         save_run(g, ckpt, optimizer, objective, state)
 
     failure = None

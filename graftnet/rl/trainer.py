@@ -24,6 +24,7 @@ from graftnet.rl.a3c import train_a3c
 from graftnet.rl.envs import make_env
 from graftnet.rl.runs import RL_COLUMNS, ReturnLog, build_agent, finish_rl
 from graftnet.spec import Spec
+from graftnet.training.guards import check_finite_state
 from graftnet.training.metrics import MetricsLog, p_w_columns
 from graftnet.training.optim import make_optimizer, set_lr
 from graftnet.training.results import RunResult
@@ -84,6 +85,7 @@ def train_rl(
         def save(finished: bool = False) -> None:
             state = {"step": objective.steps, "frames": frames, "seconds": seconds, "teachers_cut": objective.cut,
                      "finished": finished}  # fmt: skip
+            check_finite_state(objective.model, f"{frames:,} frames", f"The last good checkpoint is {str(ckpt)!r}.")
             save_run(objective.grafted, ckpt, optimizer, objective, state)
 
         bar = None

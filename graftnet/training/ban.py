@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from graftnet.checkpoint import spec_hash
+from graftnet.checkpoint import spec_hash, verify_student
 from graftnet.data import Splits
 from graftnet.errors import TrainingError
 from graftnet.graft import sites
@@ -139,6 +139,9 @@ def train_ban(
         ):
             result = RunResult.read(done)
         else:
+            for teacher in gen_spec.teachers.values():  # earlier generations' exports: refuse damaged files
+                if teacher.weights is not None:
+                    verify_student(teacher.weights)
             again = resume and (gen_dir / "checkpoint.safetensors").is_file()
             result = fit(None, None, gen_spec, train=splits.train, val=splits.val, test=splits.test,
                          num_classes=splits.num_classes, run_dir=gen_dir, resume=again, overwrite=not again,

@@ -32,6 +32,15 @@ def export_student(
     A student that still relies on its teachers (p_w(student) < 1 − tol at some site) is exported anyway and
     the result says so: a finished run always leaves its student. After a teacher cut the model has no
     mixers left, and the p_w(student) reported is the one at the cut.
+
+    The file is replaced only by one that was read back and verified (integrity hashes, equal to the student's
+    state, finite, the same probe outputs); a failed export leaves no file behind and the previous student (of a
+    resumed, finished run) as it was. Callers write ``results.json`` only after this returns, so a run folder
+    never reports a student it does not hold.
+
+    Raises:
+        CheckpointError: the student holds NaN/inf values or answers the probe batch with them (names the
+            tensor), or the file cannot be written or does not verify (says where and why).
     """
     dependence = student_dependence(g) or dict(dependence_at_cut or {})
     low = min(dependence.values(), default=1.0)

@@ -9,10 +9,11 @@ whole training state) and, once finished, the exported teacher-free ``student.sa
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from graftnet.checkpoint import CHECKPOINT_NAME, spec_hash
-from graftnet.errors import TrainingError
+from graftnet.checkpoint import CHECKPOINT_NAME, remove_stale_temporaries, spec_hash
+from graftnet.errors import GraftError, TrainingError
 from graftnet.spec import Spec, load_spec
 
 __all__ = ["CHECKPOINT_NAME", "RESULTS_NAME", "SPEC_NAME", "STUDENT_NAME", "check_run_dir", "start_run_dir"]
@@ -25,36 +26,54 @@ SPEC_NAME = "spec.json"
 def check_run_dir(run_dir: Path, spec: Spec, resume: bool, overwrite: bool, marker: str = CHECKPOINT_NAME) -> bool:
     """Whether to resume the run in ``run_dir``; refuses to clobber a run by accident.
 
-    Resuming needs ``run_dir/marker`` and a saved spec equal to ``spec``; starting needs an empty (or absent)
-    folder unless ``overwrite``.
+    Resuming needs a saved spec equal to ``spec``, and ``run_dir/marker``; a run that stopped before writing
+    its first checkpoint (same spec, no marker yet) has nothing to lose and starts again from the beginning.
+    Starting needs an empty (or absent) folder unless ``overwrite``. Leftover temporary files of interrupted
+    writes are removed.
 
     Raises:
         TrainingError: nothing to resume, a resume with another spec, or a folder that is not empty.
     """
+    saved = run_dir / SPEC_NAME
     if resume:
-        if not (run_dir / marker).is_file():
+        if not saved.is_file():
             raise TrainingError(
-                f"--resume: {str(run_dir / marker)!r} does not exist; nothing to resume (drop --resume to start)"
+                f"--resume: {str(run_dir)!r} holds no run ({SPEC_NAME} is missing); nothing to resume (drop --resume "
+                "to start)"
             )
-        saved = run_dir / SPEC_NAME
-        if not saved.is_file() or spec_hash(load_spec(json.loads(saved.read_text()))) != spec_hash(spec):
+        try:
+            same = spec_hash(load_spec(json.loads(saved.read_text()))) == spec_hash(spec)
+        except (OSError, ValueError, GraftError) as e:  # unreadable or damaged spec.json
+            raise TrainingError(
+                f"--resume: cannot read the spec {str(run_dir)!r} was started with ({saved}): {e}; start again with "
+                "--overwrite"
+            ) from e
+        if not same:
             raise TrainingError(
                 f"--resume: the spec differs from the one {str(run_dir)!r} was started with ({saved}); "
                 "resume with the same spec, or start a new run folder"
             )
-        return True
+        remove_stale_temporaries(run_dir)  # what an interrupted write left behind is never part of the state
+        return (run_dir / marker).is_file()  # no checkpoint yet: the run starts again, nothing is lost
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise TrainingError(
-            f"run folder {str(run_dir)!r} is not empty; pass --resume to continue it or --overwrite to start over"
+            f"run folder {str(run_dir)!r} is not empty; pass --resume to continue it (a run stopped before its first "
+            "checkpoint then starts again), or --overwrite to start over"
         )
     return False
 
 
+# What a run writes: --overwrite removes these (and nothing else a user may keep in the folder).
+_RUN_FILES = (CHECKPOINT_NAME, STUDENT_NAME, RESULTS_NAME, SPEC_NAME, "run.json", "metrics.csv")
+
+
 def start_run_dir(run_dir: Path, spec: Spec) -> None:
-    """Create ``run_dir`` for a new run: remove an earlier run's checkpoint and results, write the spec and run.json."""
+    """Create ``run_dir`` for a new run: remove an earlier run's files and logs, write the spec and run.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (CHECKPOINT_NAME, STUDENT_NAME, RESULTS_NAME):
+    for name in _RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)  # old TensorBoard events would mix with the new run's
+    remove_stale_temporaries(run_dir)
     (run_dir / SPEC_NAME).write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     t = spec.train
     run = {"method": t.method, "label": t.label or run_dir.name, "seed": t.seed} if t is not None else {}

@@ -30,6 +30,7 @@ from graftnet.models import build_model
 from graftnet.spec import Spec, load_spec, read_spec_file
 from graftnet.training.evaluation import eval_batches, evaluate, logits_of, pair
 from graftnet.training.finish import export_student
+from graftnet.training.guards import check_finite_state
 from graftnet.training.metrics import MetricsLog, p_w_columns, p_w_row
 from graftnet.training.objectives import METHODS, Objective
 from graftnet.training.optim import make_optimizer, set_lr
@@ -274,6 +275,7 @@ def _fit(
         state_now = {"epoch": epoch, "batch": batch_in_epoch, "step": objective.steps, "sums": world.sum(sums, _SUMS),
                      "seconds": seconds, "teachers_cut": objective.cut, "finished": finished}  # fmt: skip
         if world.main:
+            check_finite_state(objective.model, f"epoch {epoch}, step {objective.steps}", _keep_hint(ckpt))
             save_run(objective.grafted, ckpt, optimizer, objective, state_now)
         world.barrier()
 
@@ -313,9 +315,8 @@ def _fit(
                         parts = ", ".join(f"{k}={v:.4g}" for k, v in values_now.items() if k != "loss")
                         raise TrainingError(
                             f"the loss is not finite at epoch {epoch + 1}, step {objective.steps + 1} ({parts}); "
-                            f"training stopped. The last good checkpoint is {str(ckpt)!r}"
-                            + (" (none was written yet)" if not ckpt.exists() else "")
-                            + ". Lower train.lr or train.lambda1.final, or check the data for NaN/inf."
+                            f"training stopped. {_keep_hint(ckpt)} Lower train.lr or train.lambda1.final, or check the "
+                            "data for NaN/inf."
                         )
                     optimizer.zero_grad(set_to_none=True)
                     result.total.backward()
@@ -338,6 +339,11 @@ def _fit(
                         return stopped()
                 g = objective.model
                 val_loss, val_acc = evaluate(g, val_data, eval_bs, device) if world.main else (0.0, 0.0)
+                if world.any(not math.isfinite(val_loss))[0]:
+                    raise TrainingError(
+                        f"the validation loss is not finite after epoch {epoch + 1} ({val_loss}); training stopped. "
+                        f"{_keep_hint(ckpt)} Check the validation data for NaN/inf, or lower train.lr."
+                    )
                 seconds += time.perf_counter() - started
                 epoch += 1
                 totals = world.sum(sums, _SUMS)
@@ -362,6 +368,10 @@ def _fit(
         if bar is not None:
             bar.close()
     return _finish(objective, spec, run_dir, val_data, test_data, eval_bs, device, epoch, seconds, world)
+
+
+def _keep_hint(ckpt: Path) -> str:
+    return f"The last good checkpoint is {str(ckpt)!r}" + ("." if ckpt.exists() else " (none was written yet).")
 
 
 def _check_labels(y: torch.Tensor, outputs: int, where: str) -> None:
