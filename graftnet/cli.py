@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -12,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from graftnet.errors import CheckpointError, GraftError, SpecError
+from graftnet.errors import GraftError, SpecError
 
 __all__ = ["main"]
 
@@ -73,15 +72,8 @@ def _check(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from graftnet.checkpoint import export
 
-    kwargs: dict[str, Any] = {}
-    if args.spec is not None:
-        if "spec" not in inspect.signature(export).parameters:
-            raise CheckpointError(
-                f"--spec {args.spec}: this graftnet's export cannot check a checkpoint against a spec yet "
-                "(graftnet.checkpoint.export takes no spec); drop --spec, or update graftnet"
-            )
-        kwargs["spec"] = args.spec
-    report = export(args.source, args.out, tol=args.tol, force=args.force, overwrite=args.overwrite, **kwargs)
+    report = export(args.source, args.out, tol=args.tol, force=args.force, overwrite=args.overwrite, spec=args.spec,
+                    allow_unverified=args.allow_unverified)  # fmt: skip
     forced = " (forced: some site was below 1 - tol)" if report.forced else ""
     print(f"wrote {report.path}{forced}")
     print(f"  min p_w(student) over sites: {report.min_p_w_student:.6f}")
@@ -252,6 +244,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=1e-3, help="every site needs p_w(student) >= 1 - tol (default 1e-3)")
     p.add_argument("--force", action="store_true", help="export even if some site still relies on teachers")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="read a checkpoint written before integrity hashes (format /1): its structure and values are "
+                   "still checked, its bytes cannot be")
     p.add_argument("--spec", metavar="SPEC",
                    help="a spec you trust (YAML/JSON): the model references in the checkpoint must match it")
     p.set_defaults(run=_export)

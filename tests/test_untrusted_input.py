@@ -266,23 +266,20 @@ def test_the_cli_names_os_errors_and_never_prints_a_traceback(
     assert done.returncode == 2 and "not UTF-8" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_export_passes_spec_and_refuses_it_clearly_where_export_cannot_take_one(
+def test_export_passes_spec_and_allow_unverified_through(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import graftnet.checkpoint
 
-    seen: dict[str, Any] = {}
+    seen: list[dict[str, Any]] = []
 
-    def new_export(source: Any, out: Any, *, tol: float, force: bool, overwrite: bool, spec: Any = None) -> Any:
-        seen.update(spec=spec)
+    def spy(source: Any, out: Any, *, tol: float, force: bool, overwrite: bool, spec: Any = None,
+            allow_unverified: bool = False) -> Any:  # fmt: skip
+        seen.append({"spec": spec, "allow_unverified": allow_unverified})
         raise graftnet.CheckpointError("stop here")
 
-    def old_export(source: Any, out: Any, *, tol: float, force: bool, overwrite: bool) -> Any:
-        raise AssertionError("not reached")
-
-    monkeypatch.setattr(graftnet.checkpoint, "export", new_export)
+    monkeypatch.setattr(graftnet.checkpoint, "export", spy)
     assert main(["export", "run", "--out", str(tmp_path / "s.safetensors"), "--spec", "trusted.yaml"]) == 2
-    assert seen == {"spec": "trusted.yaml"} and "stop here" in capsys.readouterr().err
-    monkeypatch.setattr(graftnet.checkpoint, "export", old_export)
-    assert main(["export", "run", "--out", str(tmp_path / "s.safetensors"), "--spec", "trusted.yaml"]) == 2
-    assert "--spec trusted.yaml: this graftnet's export cannot check" in capsys.readouterr().err
+    assert main(["export", "run", "--out", str(tmp_path / "s.safetensors"), "--allow-unverified"]) == 2
+    assert seen == [{"spec": "trusted.yaml", "allow_unverified": False}, {"spec": None, "allow_unverified": True}]
+    assert "stop here" in capsys.readouterr().err
