@@ -89,3 +89,25 @@ def test_the_layer_contracts_hold() -> None:
     done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout
+
+
+def test_import_graftnet_and_the_cli_need_no_torch() -> None:
+    code = "import sys, graftnet, graftnet.cli; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_every_public_name_resolves() -> None:
+    import inspect
+
+    import graftnet
+    import graftnet.detach
+    import graftnet.graft  # binding the modules must not hide the functions of the same name
+
+    assert inspect.isfunction(graftnet.graft) and inspect.isfunction(graftnet.detach)
+
+    assert set(graftnet.__all__) == {"__version__", *graftnet._EXPORTS}
+    for name in graftnet.__all__:
+        assert getattr(graftnet, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
+        graftnet.no_such_thing  # noqa: B018

@@ -20,5 +20,11 @@ def test_benchmark_case_runs_and_reports_every_ratio(case: str, capsys: pytest.C
         "machinery", "machinery without adapters", "vs hand-written", "KL extra / student forward",
         "exported / original",
     }  # fmt: skip
-    assert all(r.median > 0 for r in ratios.values())
+    import math
+
+    # Ratios of two timings are positive; the KL term's extra time is a difference of two timings, which two
+    # noisy rounds on a busy machine can make negative, so it only has to be a number.
+    extra = ratios.pop("KL extra / student forward")
+    assert math.isfinite(extra.median)
+    assert all(r.median > 0 for r in ratios.values()), ratios
     assert "peak memory of a step" in capsys.readouterr().out

@@ -307,3 +307,27 @@ def test_resuming_a_finished_run_from_a_damaged_checkpoint_keeps_the_good_studen
         _scratch_run(run, resume=True, tensorboard=False)
     assert (run / "student.safetensors").read_bytes() == good_student
     assert (run / "results.json").read_bytes() == good_results
+
+
+def test_the_objective_never_asks_its_runner_for_truth() -> None:
+    """A compiled module (or DDP) runs the model; ``runner or model`` would call its __len__/__bool__ and fail."""
+
+    class Runner(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> Any:
+            self.calls += 1
+            return self.inner(x)
+
+        def __len__(self) -> int:
+            raise TypeError("GraftedModel does not support len()")
+
+    x, y = torch.randn(8, 1, 40), torch.randint(0, 3, (8,))
+    g = graftnet.graft(_cnn(0), {"t": _cnn(1)}, {"sites": SITES}, example_input=x[:2])
+    kf = graftnet.KnowledgeFlow(g, total_steps=10)
+    kf.runner = runner = Runner(g)
+    kf.loss(x, y)
+    assert runner.calls == 1
