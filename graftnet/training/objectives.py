@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from pydantic import ValidationError
 from torch import nn
 
 from graftnet.errors import SpecError, TrainingError
@@ -79,8 +80,9 @@ def _settings(settings: TrainSpec | Mapping[str, Any] | None, overrides: Mapping
     base = settings.model_dump() if isinstance(settings, TrainSpec) else dict(settings or {})
     try:
         return TrainSpec.model_validate({**base, **overrides})
-    except Exception as e:  # pydantic's ValidationError: say which settings were wrong
-        raise SpecError(f"invalid train settings: {e}") from e
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise SpecError(f"invalid train settings: {problems}") from e
 
 
 def _plain(student: nn.Module, example: torch.Tensor | None, spec: Spec | None = None) -> GraftedModel:
