@@ -34,7 +34,7 @@ from graftnet.training.optim import lr_factor, make_optimizer, set_lr
 from graftnet.training.results import RunResult
 from graftnet.training.run_dir import CHECKPOINT_NAME, check_run_dir, start_run_dir
 from graftnet.training.signals import StopFlag, catching_signals
-from graftnet.training.state import load_run, restore, save_run
+from graftnet.training.state import load_run, resume_from, save_run
 
 __all__ = ["train_a3c"]
 
@@ -130,9 +130,7 @@ def train_a3c(spec: Spec, run_dir: Path, *, resume: bool, overwrite: bool, tenso
     start_frames, seconds, update = 0, 0.0, 0
     if saved is not None:
         meta = saved.meta
-        if meta.get("teachers_cut"):
-            objective.maybe_cut(1.0, example)
-        restore(saved, objective.grafted, optimizer, objective)
+        resume_from(saved, objective, optimizer, example)
         start_frames, seconds, update = meta["frames"], meta["seconds"], meta["step"]
         if meta.get("finished"):
             return finish_rl(objective, spec, run_dir, torch.device("cpu"), start_frames, seconds)

@@ -10,11 +10,9 @@ the detached student, each after up to ``noop_max`` random no-ops).
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from graftnet.distributed import resolve_device
@@ -30,7 +28,7 @@ from graftnet.training.optim import make_optimizer, set_lr
 from graftnet.training.results import RunResult
 from graftnet.training.run_dir import CHECKPOINT_NAME, check_run_dir, start_run_dir
 from graftnet.training.signals import StopFlag, catching_signals
-from graftnet.training.state import load_run, restore, save_run
+from graftnet.training.state import load_run, resume_from, save_run, seed_everything
 
 __all__ = ["train_rl"]
 
@@ -52,9 +50,7 @@ def train_rl(
     device = resolve_device(t.device)
     if t.threads is not None:
         torch.set_num_threads(t.threads)
-    random.seed(t.seed)
-    np.random.seed(t.seed % 2**32)
-    torch.manual_seed(t.seed)
+    seed_everything(t.seed)
     env = make_env(rl.env, rl.num_envs, t.seed, training=True)
     try:
         steps_per_update = rl.rollout * rl.num_envs
@@ -67,10 +63,8 @@ def train_rl(
         frames, seconds = 0, 0.0
         if saved is not None:
             meta = saved.meta
-            if meta.get("teachers_cut"):
-                objective.maybe_cut(1.0, example.to(device))
-            restore(saved, objective.grafted, optimizer, objective)
-            objective.steps, frames, seconds = meta["step"], meta["frames"], meta["seconds"]
+            resume_from(saved, objective, optimizer, example.to(device))
+            frames, seconds = meta["frames"], meta["seconds"]
             if meta.get("finished"):
                 return finish_rl(objective, spec, run_dir, device, frames, seconds)
         else:

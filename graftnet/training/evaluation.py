@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from graftnet.data import batches
 from graftnet.errors import TrainingError
 
-__all__ = ["eval_batches", "evaluate", "logits_of", "predict"]
+__all__ = ["eval_batches", "evaluate", "logits_of", "pair", "predict"]
 
 
 def logits_of(out: Any) -> torch.Tensor:

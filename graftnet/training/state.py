@@ -19,7 +19,16 @@ from graftnet.checkpoint import CHECKPOINT_NAME, TRAIN_STATE, read_checkpoint, s
 from graftnet.errors import CheckpointError
 from graftnet.graft import GraftedModel
 
-__all__ = ["SavedRun", "StatefulObjective", "load_run", "restore", "save_run"]
+__all__ = [
+    "ResumableObjective",
+    "SavedRun",
+    "StatefulObjective",
+    "load_run",
+    "restore",
+    "resume_from",
+    "save_run",
+    "seed_everything",
+]
 
 
 class StatefulObjective(Protocol):
@@ -30,6 +39,17 @@ class StatefulObjective(Protocol):
     def extra_state(self) -> dict[str, torch.Tensor]: ...
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+class ResumableObjective(StatefulObjective, Protocol):
+    """What :func:`resume` needs besides: the step counter, the grafted model, and the teacher cut."""
+
+    steps: int
+
+    @property
+    def grafted(self) -> GraftedModel: ...
+
+    def maybe_cut(self, progress: float | None = None, example: torch.Tensor | None = None) -> GraftedModel | None: ...
 
 
 class SavedRun:
@@ -242,3 +262,26 @@ def _restore(saved: SavedRun, g: GraftedModel, optimizer: torch.optim.Optimizer,
     np.random.set_state((name, tensors[f"{TRAIN_STATE}rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     prefix = f"{TRAIN_STATE}method."
     objective.load_extra_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def resume_from(
+    saved: SavedRun, objective: ResumableObjective, optimizer: torch.optim.Optimizer, example: torch.Tensor
+) -> GraftedModel:
+    """Continue a run from ``saved``: cut the teachers first if the run had (``example`` re-traces the student),
+    then :func:`restore` the model, optimizer, generators and objective, and set the step counter.
+
+    Returns:
+        The model to train on from here (the plain student once the teachers are cut).
+    """
+    if saved.meta.get("teachers_cut"):
+        objective.maybe_cut(1.0, example)
+    restore(saved, objective.grafted, optimizer, objective)
+    objective.steps = saved.meta["step"]
+    return objective.grafted
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the three generators a run's checkpoint saves and restores: Python's, numpy's and torch's."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

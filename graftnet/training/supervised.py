@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -37,7 +35,7 @@ from graftnet.training.optim import make_optimizer, set_lr
 from graftnet.training.results import RunResult
 from graftnet.training.run_dir import CHECKPOINT_NAME, RESULTS_NAME, check_run_dir, start_run_dir
 from graftnet.training.signals import StopFlag, catching_signals
-from graftnet.training.state import SavedRun, load_run, restore, save_run
+from graftnet.training.state import SavedRun, load_run, resume_from, save_run, seed_everything
 
 __all__ = ["METRIC_COLUMNS", "fit"]
 
@@ -169,15 +167,9 @@ def fit(
             "train.method 'ban' is a sequence of runs: train it with graftnet train (graftnet.train), or run its "
             "generations one by one with method born_again"
         )
-    if isinstance(student, str):
-        ref: str | None = student
-    elif student is None:
-        if spec.student is None:
-            raise SpecError("student: fit() got no student module, so the spec must name its model")
-        ref = None
-    elif isinstance(student, nn.Module):
-        ref = None
-    else:
+    if student is None and spec.student is None:
+        raise SpecError("student: fit() got no student module, so the spec must name its model")
+    if student is not None and not isinstance(student, (str, nn.Module)):
         raise TrainingError(f"the student is a {type(student).__name__}, not a torch.nn.Module or model reference")
     device = resolve_device(spec.train.device)
     world = setup(device.type)
@@ -189,7 +181,7 @@ def fit(
             "under torchrun fit shards the training data itself: give train as a Dataset, not a DataLoader"
         )
     try:
-        return _fit(student if isinstance(student, nn.Module) else ref, teachers, spec, Path(run_dir), train, val,
+        return _fit(student, teachers, spec, Path(run_dir), train, val,
                     test, num_classes, batch_size, eval_batch_size, resume, overwrite, progress, tensorboard, on_step,
                     device, world)  # fmt: skip
     finally:
@@ -222,15 +214,12 @@ def _fit(
     spec = spec.model_copy(update={"input_shape": list(example_x.shape[1:])})
     if t.threads is not None:
         torch.set_num_threads(t.threads)
-    random.seed(t.seed)
-    np.random.seed(t.seed % 2**32)
-    torch.manual_seed(t.seed)
-    if not isinstance(student, nn.Module):
-        model_ref = student or (spec.student.model if spec.student else None)
-        assert model_ref is not None
-        kwargs = spec.student.kwargs if spec.student is not None and student is None else {}
-        weights = spec.student.weights if spec.student is not None and student is None else None
-        student = build_model(model_ref, kwargs, weights)
+    seed_everything(t.seed)
+    if isinstance(student, str):  # built after seeding, so its initialisation follows train.seed
+        student = build_model(student, where="student")
+    elif student is None:
+        assert spec.student is not None  # fit() checked
+        student = build_model(spec.student.model, spec.student.kwargs, spec.student.weights, where="student")
     steps_per_epoch = _steps_per_epoch(train_data, bs)
     total_steps = t.epochs * steps_per_epoch
     objective = METHODS.get(t.method).from_spec(spec, student, example_x, teachers=teachers, total_steps=total_steps)
@@ -252,10 +241,8 @@ def _fit(
     sums: dict[str, float] = {}
     if saved is not None:
         meta = saved.meta
-        if meta.get("teachers_cut"):
-            g = objective.maybe_cut(1.0, example_x.to(device)) or g
-        restore(saved, objective.grafted, optimizer, objective)
-        epoch, batch_in_epoch, objective.steps = meta["epoch"], meta["batch"], meta["step"]
+        g = resume_from(saved, objective, optimizer, example_x.to(device))
+        epoch, batch_in_epoch = meta["epoch"], meta["batch"]
         sums, seconds = (meta["sums"] if world.main else {}), meta["seconds"]  # the saved sums are global
         if meta.get("finished"):
             return _finish(objective, spec, run_dir, val_data, test_data, eval_bs, device, epoch, seconds, world)
