@@ -177,7 +177,7 @@ def _train(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> None:
     from graftnet.plot import plot_runs
 
-    for path in plot_runs(args.runs, args.out):
+    for path in plot_runs(args.runs, args.out, smooth=args.smooth):
         print(f"wrote {path}")
 
 
@@ -226,9 +226,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("plot", help="p_w per site over training (the paper's Fig. 1c) and accuracy curves as PNGs")
+    p = sub.add_parser("plot", help="p_w per site (the paper's Fig. 1c), accuracy or return curves; seeds averaged")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by graftnet train")
     p.add_argument("--out", default="plots", help="folder for the PNGs (default ./plots)")
+    p.add_argument("--smooth", type=float, default=0.0, metavar="W",
+                   help="exponential moving average weight in [0, 1) for the accuracy/return curves, like "
+                   "TensorBoard's smoothing slider (default 0: none)")  # fmt: skip
     p.set_defaults(run=_plot)
 
     p = sub.add_parser("demo", help="teachers, baselines and knowledge flow on built-in MNIST-1D, in minutes")
