@@ -61,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "schema": "graftnet.spec",
     "sites": "graftnet.graft",
     "train": "graftnet.launch",
+    "tune": "graftnet.tune",
 }
 
 __all__ = [
@@ -109,6 +110,7 @@ __all__ = [
     "schema",
     "sites",
     "train",
+    "tune",
 ]
 
 
@@ -185,3 +187,4 @@ if TYPE_CHECKING:
         fit,
         register_method,
     )
+    from graftnet.tune import tune

@@ -1,4 +1,7 @@
-"""The ``graftnet`` command line: ``nodes``, ``check``, ``train``, ``export``, ``plot``, ``demo``, ``schema``."""
+"""The ``graftnet`` command line: nodes, check, train, tune, export, plot, demo, schema.
+
+Each command is a thin layer over a public function of the library.
+"""
 
 from __future__ import annotations
 
@@ -83,76 +86,12 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _with_overrides(path: str, overrides: Sequence[str]) -> Any:
-    """The spec file with ``KEY=VALUE`` overrides applied and validated, or the path if there are none.
-
-    KEY is a dotted spec path (``train.lr``, ``teachers.t.kwargs.num_classes``); a number indexes a list
-    (``sites.0.student``). VALUE is YAML. A missing section is created; an error names the override.
-
-    Raises:
-        SpecError: an override is malformed or names no place in the spec, or the result is not a valid spec.
-    """
+    """The spec file with ``--set KEY=VALUE`` overrides applied and validated, or the path if there are none."""
     if not overrides:
         return path
-    from graftnet.spec import load_spec, parse_yaml, read_spec_file, short_repr
+    from graftnet.spec import override_spec, parse_overrides
 
-    raw = read_spec_file(Path(path))
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SpecError(f"invalid spec {path}: the top level must be a mapping, got {type(raw).__name__}")
-    origins: dict[str, str] = {}
-    flags = []
-    for item in overrides:
-        flag = f"--set {short_repr(item)}"
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise SpecError(f"{flag} must look like KEY=VALUE, e.g. --set train.method=scratch")
-        parts = key.split(".")
-        if not all(parts):
-            raise SpecError(
-                f"{flag}: KEY {short_repr(key)} has an empty part; write it like train.lr or sites.0.student"
-            )
-        value = parse_yaml(text, flag)
-        origins[_set_path(raw, parts, value, flag)] = flag  # a key set twice: the last value, and its flag
-        flags.append(flag)
-    return load_spec(raw, source=f"{path} with {', '.join(flags)}", origins=origins)
-
-
-def _set_path(raw: dict[str, Any], parts: list[str], value: Any, flag: str) -> str:
-    """Put ``value`` at ``parts`` in ``raw`` (creating sections); the spec path it went to, as messages write it."""
-    from graftnet.spec import short_repr
-
-    node: Any = raw
-    where = ""
-    for i, part in enumerate(parts):
-        above = ".".join(parts[:i])
-        key: str | int
-        if isinstance(node, list):
-            if not (part.isascii() and part.isdecimal() and int(part) < len(node)):
-                if not node:
-                    raise SpecError(f"{flag}: {where} is an empty list; set the whole list, e.g. --set '{above}=[…]'")
-                rest = "".join(f".{p}" for p in parts[i + 1 if part.isdecimal() else i :])  # replace, or insert 0
-                raise SpecError(
-                    f"{flag}: {where} is a list of {len(node)}, so {short_repr(part)} must be an index from 0 to "
-                    f"{len(node) - 1} (e.g. --set {above}.0{rest}=…); to add an entry, set the whole list"
-                )
-            key = int(part)
-            where = f"{where}[{key}]"
-        elif isinstance(node, dict):
-            key = part
-            where = f"{where}.{part}" if where else part
-        else:
-            raise SpecError(
-                f"{flag}: {where} is {short_repr(node)}, not a section or a list, so it has no {short_repr(part)}; "
-                f"set {where} itself, e.g. --set {above}=VALUE"
-            )
-        if i == len(parts) - 1:
-            node[key] = value
-        else:
-            if (node.get(key) if isinstance(node, dict) else node[key]) is None:
-                node[key] = {}
-            node = node[key]
-    return where
+    return override_spec(path, *parse_overrides(overrides))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -172,6 +111,13 @@ def _train(args: argparse.Namespace) -> int:
         return 128 + int(signal.Signals[result.interrupted])
     print("\n".join(result.summary()))
     return 0
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from graftnet.tune import parse_grid, tune
+
+    spec = _with_overrides(args.spec, args.set)
+    tune(spec, parse_grid(args.grid), args.out, seeds=args.seeds, overwrite=args.overwrite, plots=not args.no_plots)
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -226,6 +172,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs")
     p.set_defaults(run=_train)
 
+    p = sub.add_parser("tune", help="choose settings on validation over a grid, then rerun the choice with seeds")
+    p.add_argument("spec", help="YAML or JSON spec with student, data and train sections")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values to try for a spec field, e.g. --grid train.lr=1e-3,3e-3,1e-2 (repeatable: every "
+                   "combination is tried)")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=3, help="runs of the chosen setting, seeds train.seed, +1, ... (3)")
+    p.add_argument("--out", required=True, help="folder for the runs, results.csv/.md, chosen.yaml and plots/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field for every run, as train does (repeatable)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="start over runs whose folder holds another spec's run")
+    p.add_argument("--no-plots", action="store_true", help="no PNGs")
+    p.set_defaults(run=_tune)
+
     p = sub.add_parser("plot", help="p_w per site (the paper's Fig. 1c), accuracy or return curves; seeds averaged")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by graftnet train")
     p.add_argument("--out", default="plots", help="folder for the PNGs (default ./plots)")
@@ -262,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    from graftnet.provenance import record_command
+
+    record_command(["graftnet", *(sys.argv[1:] if argv is None else argv)])
     if args.version:
         from graftnet._version import __version__
 

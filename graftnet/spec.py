@@ -11,7 +11,7 @@ import json
 import keyword
 import reprlib
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ __all__ = [
     "BornAgainSpec",
     "DataSpec",
     "FinetuneSpec",
+    "FloorSpec",
     "InputStep",
     "KDSpec",
     "Lambda1Spec",
@@ -38,6 +39,8 @@ __all__ = [
     "clip",
     "input_shape_problem",
     "load_spec",
+    "override_spec",
+    "parse_overrides",
     "parse_yaml",
     "register_method_name",
     "schema",
@@ -351,6 +354,27 @@ class Lambda1Spec(_Strict):
         return self
 
 
+class FloorSpec(_Strict):
+    """A rising lower bound on p_w(student): 0 until ``start``, then linear to 1 − export_tol/10 at ``end``.
+
+    It hands the student's layers over from the teachers by a fixed date whatever the optimizer does with w,
+    so the teachers can be cut without a forced export (a projection of w after each step; see
+    :meth:`GraftedModel.raise_student_floor`). It binds only where the learned p_w(student) lags behind it.
+    """
+
+    start: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of training where the floor starts rising from 0.")
+    end: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Fraction of training where it reaches 1 - export_tol/10 (default: cut_teachers_at, or 1).",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloorSpec:
+        if self.end is not None and self.end <= self.start:
+            raise ValueError(f"p_w_floor.end ({self.end}) must come after p_w_floor.start ({self.start})")
+        return self
+
+
 class KDSpec(_Strict):
     """Hinton et al. (2015): α·T²·KL(teacher_T ‖ student_T) + (1 − α)·cross-entropy."""
 
@@ -444,6 +468,11 @@ class TrainSpec(_Strict):
         "(null: keep them to the end).",
     )  # fmt: skip
     export_tol: float = Field(1e-3, gt=0.0, lt=1.0, description="Export refuses p_w(student) below 1 - tol.")
+    p_w_floor: FloorSpec | None = Field(
+        default_factory=FloorSpec,
+        description="A rising lower bound on p_w(student) that reaches 1 - export_tol/10 by the cut (null: none, "
+        "as in the paper; p_w(student) is then only pushed by lambda1).",
+    )  # fmt: skip
     kd: KDSpec | None = None
     finetune: FinetuneSpec | None = None
     born_again: BornAgainSpec | None = None
@@ -749,6 +778,102 @@ def load_spec(
         raise SpecError(_format_validation_error(e, source, origins or {})) from e
     except RecursionError as e:  # pragma: no cover - _check_size bounds the depth first
         raise SpecError(f"invalid spec {source}: nested too deeply to validate") from e
+
+
+_KEY_EXAMPLE = "write it like train.lr or sites.0.student"
+
+
+def parse_overrides(items: Sequence[str], flag: str = "--set") -> tuple[dict[str, Any], dict[str, str]]:
+    """``KEY=VALUE`` strings as ``({key: value}, {key: the text it came from})``; VALUE is YAML.
+
+    Raises:
+        SpecError: an item is not ``KEY=VALUE``, KEY has an empty part, or VALUE is malformed YAML.
+    """
+    values: dict[str, Any] = {}
+    texts: dict[str, str] = {}
+    for item in items:
+        where = f"{flag} {short_repr(item)}"
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"{where} must look like KEY=VALUE, e.g. {flag} train.method=scratch")
+        if not all(key.split(".")):
+            raise SpecError(f"{where}: KEY {short_repr(key)} has an empty part; {_KEY_EXAMPLE}")
+        values[key] = parse_yaml(text, where)
+        texts[key] = where
+    return values, texts
+
+
+def override_spec(
+    spec: str | Path | Mapping[str, Any] | Spec, overrides: Mapping[str, Any], labels: Mapping[str, str] | None = None
+) -> Spec:
+    """``spec`` with each ``{dotted.key: value}`` of ``overrides`` put in place, validated.
+
+    KEY is a dotted spec path (``train.lr``, ``teachers.t.kwargs.num_classes``); a number indexes a list
+    (``sites.0.student``). A missing section is created. An error in an overridden value names its label
+    (``labels[key]``, default ``KEY=VALUE``), e.g. the ``--set`` flag it came from.
+
+    Raises:
+        SpecError: a key names no place in the spec, or the result is not a valid spec.
+
+    Examples:
+        >>> override_spec({"train": {"lr": 0.1}}, {"train.lr": 0.01, "train.seed": 3}).train.seed
+        3
+    """
+    labels = labels or {}
+    if isinstance(spec, Spec):
+        raw: Any = spec.model_dump(mode="json")
+        source = "the spec"
+    elif isinstance(spec, (str, Path)):
+        raw, source = read_spec_file(Path(spec)), str(spec)
+    else:
+        raw, source = json.loads(json.dumps(spec)), "given as a dict"  # a deep copy: the caller's dict is kept
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"invalid spec {source}: the top level must be a mapping, got {type(raw).__name__}")
+    origins: dict[str, str] = {}
+    for key, value in overrides.items():
+        label = labels.get(key) or f"{key}={short_repr(value)}"
+        parts = key.split(".")
+        if not all(parts):
+            raise SpecError(f"{label}: KEY {short_repr(key)} has an empty part; {_KEY_EXAMPLE}")
+        origins[_set_path(raw, parts, value, label)] = label
+    return load_spec(raw, source=f"{source} with {', '.join(labels.get(k) or k for k in overrides)}", origins=origins)
+
+
+def _set_path(raw: dict[str, Any], parts: list[str], value: Any, flag: str) -> str:
+    """Put ``value`` at ``parts`` in ``raw`` (creating sections); the spec path it went to, as messages write it."""
+    node: Any = raw
+    where = ""
+    for i, part in enumerate(parts):
+        above = ".".join(parts[:i])
+        key: str | int
+        if isinstance(node, list):
+            if not (part.isascii() and part.isdecimal() and int(part) < len(node)):
+                if not node:
+                    raise SpecError(f"{flag}: {where} is an empty list; set the whole list, e.g. --set '{above}=[…]'")
+                rest = "".join(f".{p}" for p in parts[i + 1 if part.isdecimal() else i :])  # replace, or insert 0
+                raise SpecError(
+                    f"{flag}: {where} is a list of {len(node)}, so {short_repr(part)} must be an index from 0 to "
+                    f"{len(node) - 1} (e.g. --set {above}.0{rest}=…); to add an entry, set the whole list"
+                )
+            key = int(part)
+            where = f"{where}[{key}]"
+        elif isinstance(node, dict):
+            key = part
+            where = f"{where}.{part}" if where else part
+        else:
+            raise SpecError(
+                f"{flag}: {where} is {short_repr(node)}, not a section or a list, so it has no {short_repr(part)}; "
+                f"set {where} itself, e.g. --set {above}=VALUE"
+            )
+        if i == len(parts) - 1:
+            node[key] = value
+        else:
+            if (node.get(key) if isinstance(node, dict) else node[key]) is None:
+                node[key] = {}
+            node = node[key]
+    return where
 
 
 def schema() -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The run folder: what a training run writes, and the rules for starting, resuming and overwriting one.
 
-A run folder holds ``spec.json`` (the spec it was started with), ``run.json`` (method, label, seed),
+A run folder holds ``spec.json`` (the spec it was started with), ``run.json`` (method, label, seed, the
+command line and the versions of graftnet, Python and its libraries),
 ``metrics.csv``, TensorBoard logs under ``tb/``, ``checkpoint.safetensors`` (written atomically, with the
 whole training state) and, once finished, the exported teacher-free ``student.safetensors`` and
 ``results.json``.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from graftnet.checkpoint import CHECKPOINT_NAME, remove_stale_temporaries, spec_hash
 from graftnet.errors import GraftError, TrainingError
+from graftnet.provenance import command_line, versions
 from graftnet.spec import Spec, load_spec
 
 __all__ = ["CHECKPOINT_NAME", "RESULTS_NAME", "SPEC_NAME", "STUDENT_NAME", "check_run_dir", "start_run_dir"]
@@ -77,4 +79,5 @@ def start_run_dir(run_dir: Path, spec: Spec) -> None:
     (run_dir / SPEC_NAME).write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     t = spec.train
     run = {"method": t.method, "label": t.label or run_dir.name, "seed": t.seed} if t is not None else {}
+    run |= {"command": command_line(), "versions": versions()}  # so a fresh install can check the figures
     (run_dir / "run.json").write_text(json.dumps(run, indent=2))

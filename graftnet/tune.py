@@ -1,0 +1,339 @@
+"""``graftnet tune``: choose hyper-parameters on the validation split, then rerun the choice with several seeds.
+
+Every setting of the grid (the product of the values given per key) trains once with the spec's seed; the
+setting with the lowest validation error of its exported student is chosen (the test split is never looked
+at), and runs again with the next seeds. Each run is an ordinary run folder under ``out``, so an interrupted
+tune resumes where it stopped: finished runs are read back, an interrupted one continues from its checkpoint.
+
+``out`` then holds ``results.csv`` and ``results.md`` (every run, and the chosen setting's mean ± std over
+seeds), ``chosen.yaml`` (the spec with the chosen settings, ready for ``graftnet train``), ``tune.json`` and
+``plots/`` (the chosen setting's curves as seed bands; ``plots/grid/`` compares the grid's settings).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from graftnet.checkpoint import spec_hash
+from graftnet.errors import GraftError, SpecError
+from graftnet.launch import train
+from graftnet.provenance import command_line, versions
+from graftnet.spec import Spec, load_spec, override_spec, parse_yaml, short_repr
+from graftnet.training.results import RunResult
+from graftnet.training.run_dir import RESULTS_NAME, SPEC_NAME
+
+__all__ = ["Trial", "TuneResult", "folder_name", "parse_grid", "setting_text", "tune"]
+
+Setting = dict[str, Any]
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+@dataclass
+class Trial:
+    """One run of the tune: a setting of the grid with one seed."""
+
+    setting: Setting
+    seed: int
+    result: RunResult
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` found: the grid's runs (``trials``, the spec's seed), the ``chosen`` setting, and its
+    runs over every seed (``seeds``, the grid's run first)."""
+
+    out: Path
+    grid: dict[str, list[Any]]
+    trials: list[Trial]
+    chosen: Setting
+    seeds: list[Trial] = field(default_factory=list)
+
+    def errors(self, which: str = "test_error") -> list[float]:
+        """The chosen setting's ``test_error`` or ``val_error`` (%) per seed (runs without one are left out)."""
+        return [v for t in self.seeds if (v := getattr(t.result, which)) is not None]
+
+    def mean_std(self, which: str = "test_error") -> tuple[float, float]:
+        """Mean and sample standard deviation over seeds (std 0 with one seed); NaN without values."""
+        values = self.errors(which)
+        if not values:
+            return math.nan, math.nan
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    @property
+    def forced_exports(self) -> int:
+        """Runs of the chosen setting exported although some p_w(student) was below 1 − export_tol."""
+        return sum(t.result.forced_export for t in self.seeds)
+
+    def summary(self) -> list[str]:
+        test, test_sd = self.mean_std("test_error")
+        val, val_sd = self.mean_std("val_error")
+        first = self.seeds[0].result if self.seeds else self.trials[0].result
+        lines = [
+            f"tune {self.out}: {len(self.trials)} settings, chosen on validation: {setting_text(self.chosen) or '-'} "
+            f"(val error {first.val_error:.2f}% with seed {self.seeds[0].seed if self.seeds else '-'})",
+            f"  over {len(self.seeds)} seeds: val error {val:.2f} ± {val_sd:.2f}%, "
+            f"test error {test:.2f} ± {test_sd:.2f}%",
+        ]
+        pw = [t.result.min_p_w_student for t in self.seeds if t.result.min_p_w_student is not None]
+        if pw:
+            lines.append(f"  min p_w(student) at the cut: {min(pw):.6f}; forced exports: {self.forced_exports}")
+        lines.append(f"  chosen spec: {self.out / 'chosen.yaml'}; table: {self.out / 'results.md'}")
+        return lines
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """``["train.lr=1e-3,1e-2", "train.lambda1.final=[10, 100]"]`` as ``{key: [values]}``.
+
+    A value list is written ``V1,V2,...`` (each a YAML value) or as one YAML list.
+
+    Raises:
+        SpecError: an item is not ``KEY=V1,V2``, has no values, or lists a value twice.
+    """
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        where = f"--grid {short_repr(item)}"
+        key, sep, text = item.partition("=")
+        if not sep or not key or not all(key.split(".")):
+            raise SpecError(f"{where} must look like KEY=V1,V2,..., e.g. --grid train.lr=1e-3,3e-3,1e-2")
+        if key in grid:
+            raise SpecError(f"{where}: {key} is given twice; list all its values in one --grid")
+        whole = parse_yaml(text, where)
+        values = whole if isinstance(whole, list) else [parse_yaml(v, where) for v in text.split(",")]
+        # PyYAML reads 1e-3 (no dot) as text: a value that is a number is one
+        values = [float(v) if isinstance(v, str) and _NUMBER.fullmatch(v) else v for v in values]
+        grid[key] = _checked_values(key, values, where)
+    return grid
+
+
+def _checked_values(key: str, values: Sequence[Any], where: str) -> list[Any]:
+    values = list(values)
+    if not values or any(v is None or v == "" for v in values):
+        raise SpecError(f"{where}: {key} needs at least one value and no empty ones, e.g. {key}=1e-3,1e-2")
+    if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+        raise SpecError(f"{where}: {key} lists a value twice")
+    return values
+
+
+def setting_text(setting: Setting) -> str:
+    """``lr=0.01 lambda1.final=10``: the setting, with ``train.`` dropped from its keys."""
+    return " ".join(f"{k}={_value_text(v)}" for k, v in _short(setting).items())
+
+
+def _short(setting: Setting) -> dict[str, Any]:
+    """The setting with ``train.`` dropped from its keys (``lr``, ``lambda1.final``, ``data.train_size``)."""
+    return {k.removeprefix("train."): v for k, v in setting.items()}
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def folder_name(setting: Setting) -> str:
+    """The folder of a setting's runs under the tune's folder: ``lr=0.01_kd.alpha=0.9``."""
+    name = "_".join(f"{k}={_value_text(v)}" for k, v in _short(setting).items()) or "spec"
+    return re.sub(r"[^A-Za-z0-9._=+-]", "-", name)[:120]
+
+
+def tune(
+    spec: Spec | Mapping[str, Any] | str | Path,
+    grid: Mapping[str, Sequence[Any]],
+    out: str | Path,
+    *,
+    seeds: int = 3,
+    overwrite: bool = False,
+    splits: Any = None,
+    label: str | None = None,
+    plots: bool = True,
+    log: Callable[[str], None] = print,
+) -> TuneResult:
+    """Train every setting of ``grid`` with the spec's seed, choose on validation, rerun the choice with ``seeds``.
+
+    Args:
+        spec: a supervised spec (``student``, ``data``, ``train``; teachers and sites as its method needs), as
+            for :func:`graftnet.train`.
+        grid: ``{dotted spec key: [values]}``, e.g. ``{"train.lr": [1e-3, 1e-2]}``; every combination is tried.
+            An empty grid runs the spec as it is.
+        out: the tune's folder; every run is a run folder under it.
+        seeds: runs of the chosen setting, with seeds ``train.seed``, ``train.seed + 1``, ...
+        overwrite: start over where a run folder holds another spec's run (default: refuse).
+        splits: data to use instead of building ``spec.data`` (shared by every run).
+        label: the name of the chosen setting's runs in plots (default the method's name).
+        plots: write ``plots/`` (needs matplotlib).
+        log: where progress lines go.
+
+    Returns:
+        A :class:`TuneResult`.
+
+    Raises:
+        SpecError: a grid key is not a spec field or a value does not validate (named), the grid sets
+            ``train.seed``, or the spec is not a supervised one with a validation split.
+        GraftError: anything :func:`graftnet.train` raises.
+
+    Examples:
+        >>> r = tune("specs/mnist1d_knowledge_flow.yaml", {"train.lr": [3e-3, 1e-2]}, "runs/tune")  # doctest: +SKIP
+        >>> r.chosen, r.mean_std("test_error")                                                       # doctest: +SKIP
+    """
+    base = load_spec(spec)
+    if base.rl is not None:
+        raise SpecError("graftnet tune chooses on the validation split of a supervised task; an RL spec has none")
+    if base.train is None or base.data is None or base.student is None:
+        raise SpecError("graftnet tune needs a spec with student, data and train sections")
+    if seeds < 1:
+        raise SpecError(f"seeds must be at least 1, got {seeds}")
+    if not base.data.val_size:
+        raise SpecError("graftnet tune chooses on the validation split: set data.val_size above 0")
+    checked = {k: _checked_values(k, v, f"grid {k}") for k, v in grid.items()}
+    if "train.seed" in checked:
+        raise SpecError("the grid may not set train.seed: tune runs the chosen setting with every seed itself")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GraftError(f"tune folder {out} is a file: pass a folder")
+    settings = [dict(zip(checked, values, strict=True)) for values in itertools.product(*checked.values())]
+    specs = [override_spec(base, s, {k: f"grid {k}={_value_text(v)}" for k, v in s.items()}) for s in settings]
+    first_seed = base.train.seed
+    name = label or base.train.label or base.train.method
+    cache: dict[str, Any] = {}
+
+    def run(setting: Setting, spec: Spec, seed: int, what: str) -> Trial:
+        spec = override_spec(spec, {"train.seed": seed, "train.label": f"{name} {setting_text(setting)}".strip()})
+        run_dir = out / folder_name(setting) / f"seed{seed}"
+        result = _run(spec, run_dir, overwrite, splits if splits is not None else _splits(spec, cache), log, what)
+        return Trial(setting, seed, result)
+
+    log(f"graftnet tune → {out}: {len(settings)} setting(s) × seed {first_seed}, then {seeds} seed(s) of the choice")
+    trials = [run(s, sp, first_seed, f"{setting_text(s) or 'spec'} seed {first_seed}")
+              for s, sp in zip(settings, specs, strict=True)]  # fmt: skip
+    missing = [t for t in trials if t.result.val_error is None]
+    if missing:
+        raise GraftError(f"{missing[0].result.run_dir}: the run has no validation error to choose on")
+    best = min(range(len(trials)), key=lambda i: trials[i].result.val_error)  # type: ignore[arg-type, return-value]
+    chosen = settings[best]
+    log(f"chosen on validation: {setting_text(chosen) or 'the spec as given'} "
+        f"(val error {trials[best].result.val_error:.2f}%)")  # fmt: skip
+    result = TuneResult(out, checked, trials, chosen, [trials[best]])
+    for seed in range(first_seed + 1, first_seed + seeds):
+        result.seeds.append(run(chosen, specs[best], seed, f"{setting_text(chosen) or 'spec'} seed {seed}"))
+    _write(result, specs[best], plots, log)
+    for line in result.summary():
+        log(line)
+    return result
+
+
+def _splits(spec: Spec, cache: dict[str, Any]) -> Any:
+    """Every run with the same data section shares one copy of the data (generating MNIST-1D takes seconds)."""
+    from graftnet.data import task_splits
+
+    assert spec.data is not None
+    key = spec.data.model_dump_json()
+    if key not in cache:
+        cache[key] = task_splits(spec)
+    return cache[key]
+
+
+def _run(spec: Spec, run_dir: Path, overwrite: bool, splits: Any, log: Callable[[str], None], what: str) -> RunResult:
+    """A finished run is read back, an interrupted one resumed, a new one started."""
+    saved = run_dir / SPEC_NAME
+    same = False
+    if saved.is_file():
+        try:
+            same = spec_hash(load_spec(json.loads(saved.read_text()))) == spec_hash(spec)
+        except (OSError, ValueError, GraftError):
+            same = False
+        if not same and not overwrite:
+            raise GraftError(
+                f"{run_dir} holds a run of another spec ({saved}); tune with the same spec and grid to resume, or "
+                "pass --overwrite to start those runs over"
+            )
+    done = run_dir / RESULTS_NAME
+    if same and done.is_file():
+        result = RunResult.read(done)
+        log(f"  {what}: done before, val error {result.val_error:.2f}%")
+        return result
+    started = time.perf_counter()
+    result = train(spec, run_dir, resume=same, overwrite=not same, progress=False, tensorboard=False, splits=splits)
+    if result.interrupted:
+        raise GraftError(f"{result.interrupted}: the tune stopped in {run_dir}; run the same command again to resume")
+    log(f"  {what}: val error {result.val_error:.2f}%, {time.perf_counter() - started:.1f} s")
+    return result
+
+
+_COLUMNS = ("phase", "seed", "val_error", "test_error", "min_p_w_student", "forced_export", "seconds", "run_dir")
+
+
+def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[str], None]) -> None:
+    out = result.out
+    keys = list(result.grid)
+    rows = [("grid", t) for t in result.trials] + [("seeds", t) for t in result.seeds[1:]]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([*keys, *_COLUMNS])
+    for phase, t in rows:
+        r = t.result
+        writer.writerow([*(_value_text(t.setting[k]) for k in keys), phase, t.seed, r.val_error, r.test_error,
+                         r.min_p_w_student, r.forced_export, round(r.seconds, 1), r.run_dir])  # fmt: skip
+    (out / "results.csv").write_text(buffer.getvalue())
+
+    provenance = versions()
+    stamp = f"`{command_line()}` — " + ", ".join(f"{k} {v}" for k, v in provenance.items())
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    md = [f"# graftnet tune: {out}", "", stamp, "",
+          f"Grid (seed {result.trials[0].seed}); chosen on validation error only:", "",
+          "| setting | val error (%) | min p_w(student) | |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for t in result.trials:
+        mark = "**chosen**" if t.setting == result.chosen else ""
+        pw = "-" if t.result.min_p_w_student is None else f"{t.result.min_p_w_student:.4f}"
+        md.append(f"| {setting_text(t.setting) or 'spec'} | {pct(t.result.val_error)} | {pw} | {mark} |")
+    test, test_sd = result.mean_std("test_error")
+    val, val_sd = result.mean_std("val_error")
+    md += ["", f"Chosen setting over {len(result.seeds)} seeds (exported student alone):", "",
+           "| seed | val error (%) | test error (%) | min p_w(student) | forced export |",
+           "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for t in result.seeds:
+        pw = "-" if t.result.min_p_w_student is None else f"{t.result.min_p_w_student:.4f}"
+        md.append(f"| {t.seed} | {pct(t.result.val_error)} | {pct(t.result.test_error)} | {pw} | "
+                  f"{'yes' if t.result.forced_export else 'no'} |")  # fmt: skip
+    md.append(f"| mean ± std | {val:.2f} ± {val_sd:.2f} | {test:.2f} ± {test_sd:.2f} | | |")
+    (out / "results.md").write_text("\n".join(md) + "\n")
+
+    header = [f"Chosen by graftnet tune on validation: {setting_text(result.chosen) or 'the spec as given'}",
+              f"  {command_line()}", "  " + ", ".join(f"{k} {v}" for k, v in provenance.items())]  # fmt: skip
+    body = chosen_spec.model_dump(mode="json", exclude_defaults=True)
+    body.get("train", {}).pop("seed", None)
+    body.get("train", {}).pop("label", None)
+    text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(body, sort_keys=False)
+    (out / "chosen.yaml").write_text(text)
+    payload = {
+        "grid": result.grid, "chosen": result.chosen, "command": command_line(), "versions": provenance,
+        "trials": [{"setting": t.setting, "seed": t.seed, **t.result.to_json()} for t in result.trials],
+        "seeds": [{"setting": t.setting, "seed": t.seed, **t.result.to_json()} for t in result.seeds],
+        "test_error": {"mean": test, "std": test_sd}, "val_error": {"mean": val, "std": val_sd},
+    }  # fmt: skip
+    (out / "tune.json").write_text(json.dumps(payload, indent=2, default=str))
+    if plots:
+        from graftnet.plot import plot_runs
+
+        for path in plot_runs([t.result.run_dir for t in result.seeds], out / "plots"):
+            log(f"wrote {path}")
+        if len(result.trials) > 1:
+            for path in plot_runs([t.result.run_dir for t in result.trials], out / "plots" / "grid"):
+                log(f"wrote {path}")
