@@ -13,6 +13,8 @@ Where the objective's calls sit in Lightning's loop:
 - ``training_step``: ``objective.loss(x, y, progress)`` with progress = global_step / total_steps;
 - ``on_before_optimizer_step`` (after backward, before ``optimizer.step()``): ``objective.before_step()``
   refreshes θ_old, so the KL term compares the model with its parameters of one step ago;
+- ``on_train_batch_end`` (after the step): ``objective.after_step()`` raises the floor of p_w(student)
+  (``train.p_w_floor``), which hands every site over to the student by the cut;
 - ``on_train_epoch_start``: ``objective.maybe_cut(epoch / max_epochs, example)`` removes the teachers at
   ``cut_teachers_at``, and the module re-registers ``objective.model`` (now the plain student graft).
 """
@@ -85,6 +87,11 @@ class KnowledgeFlowModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning runs this after backward and before optimizer.step(): θ_old becomes the pre-step parameters.
         self.objective.before_step()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After optimizer.step() (global_step has ticked): the floor of p_w(student) rises with the clock.
+        self.objective.steps = self.global_step
+        self.objective.after_step()
 
     def on_train_end(self) -> None:
         self.objective.steps = self.global_step  # the last step's tick, for whoever reads the objective next

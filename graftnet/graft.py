@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import linecache
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,6 +152,25 @@ class GraftedModel(nn.Module):
             for site, mixer in self.mixers.items():
                 result[site] = dict(zip(mixer.candidates, mixer.p_w().tolist(), strict=True))
         return result
+
+    def raise_student_floor(self, floor: float) -> None:
+        """Make p_w(student) ≥ ``floor`` at every site by lowering the teachers' logits w together, in place.
+
+        A site already at or above the floor is left alone; below it, every teacher logit drops by the same
+        amount, so the teachers keep their ratios and the student gets exactly ``floor``. This is a projection
+        of w (no gradient), the same under any optimizer.
+        """
+        if floor <= 0.0:
+            return
+        if not floor < 1.0:
+            raise ValueError(f"the floor of p_w(student) must be below 1, got {floor}")
+        allowed = math.log((1.0 - floor) / floor)  # p0 ≥ floor ⟺ logsumexp(w_teachers − w_0) ≤ log((1−f)/f)
+        with torch.no_grad():
+            for mixer in self.mixers.values():
+                w = mixer.logits
+                excess = torch.logsumexp(w[1:].float() - w[0].float(), dim=0) - allowed
+                if excess > 0:
+                    w[1:] -= excess.to(w.dtype)
 
     def dependency_loss(self) -> torch.Tensor:
         """The paper's eq. 5: −(1/L0) Σ_j log p_w^j(student), computed stably with log_softmax."""

@@ -139,5 +139,5 @@ def a2c_update(
     total.backward()
     if rl.max_grad_norm is not None:
         nn.utils.clip_grad_norm_([p for p in objective.model.parameters() if p.requires_grad], rl.max_grad_norm)
-    objective.step(optimizer)
+    objective.step(optimizer, progress)
     return values, ended, rollout.steps

@@ -188,11 +188,20 @@ class Objective:
     def before_step(self) -> None:
         """Called after backward and before every optimizer step (knowledge flow refreshes θ_old here)."""
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """:meth:`before_step`, ``optimizer.step()``, and one tick of the clock."""
+    def after_step(self, progress: float | None = None) -> None:
+        """Called after every optimizer step, with the clock already ticked (knowledge flow raises the floor of
+        p_w(student) here). ``progress`` ∈ [0, 1] defaults to :meth:`progress`."""
+
+    def step(self, optimizer: torch.optim.Optimizer, progress: float | None = None) -> None:
+        """:meth:`before_step`, ``optimizer.step()``, one tick of the clock, and :meth:`after_step`.
+
+        ``progress`` is where training stands after this step, for trainers whose clock is not ``steps``
+        (A3C's workers count frames); it defaults to :meth:`progress`.
+        """
         self.before_step()
         optimizer.step()
         self.steps += 1
+        self.after_step(progress)
 
     def maybe_cut(self, progress: float | None = None, example: torch.Tensor | None = None) -> GraftedModel | None:
         """Remove the teachers if it is time (``cut_teachers_at``); returns the new :attr:`model`, or None.
@@ -489,6 +498,19 @@ class KnowledgeFlow(Objective):
     def before_step(self) -> None:
         if self.snapshot is not None and self.steps % self.settings.kl_lag == 0:
             self.snapshot.refresh(self.model)
+
+    def student_floor(self, progress: float | None = None) -> float:
+        """The lower bound ``p_w_floor`` puts on p_w(student) at ``progress`` (0 without one, or after the cut)."""
+        floor, t = self.settings.p_w_floor, self.settings
+        if floor is None or self.cut:
+            return 0.0
+        progress = self.progress() if progress is None else progress
+        end = floor.end or t.cut_teachers_at or 1.0
+        ramp = 1.0 if progress >= end else max(0.0, (progress - floor.start) / (end - floor.start))
+        return ramp * (1.0 - t.export_tol / 10)
+
+    def after_step(self, progress: float | None = None) -> None:
+        self.model.raise_student_floor(self.student_floor(progress))
 
     def maybe_cut(self, progress: float | None = None, example: torch.Tensor | None = None) -> GraftedModel | None:
         at = self.settings.cut_teachers_at
