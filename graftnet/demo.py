@@ -1,14 +1,15 @@
 """``graftnet demo``: the whole pipeline on built-in data, in a few minutes on two CPU cores.
 
 MNIST-1D (generated offline) is split into two tasks: digits 5–9 are the source, digits 0–4 with few
-labels the target. Two teachers are trained on the source: ``related`` on its real labels, ``unrelated``
-on shuffled labels (it learns nothing that transfers). Then students of the same 1-D convnet learn the
-target by scratch, fine-tuning from ``related``, distillation from ``related`` (whose outputs are other
-digits: KD is expected to struggle, see examples/README.md), knowledge flow from both teachers, and — the
-control — knowledge flow from two untrained teachers wired the same way, which shows how much of the
-gain is the teachers' knowledge and how much the extra capacity while training. Every method's learning
-rate is chosen on the validation split with seed 0; the chosen setting then runs with every seed. The
-table reports the test error of each exported, teacher-free student.
+labels the target. Two teachers are trained on the source: ``related``, the student's own 1-D convnet, and
+``wide``, a convnet of another architecture (four layers of 64 channels, kernel 3) that fine-tuning cannot
+start from — the case knowledge flow exists for. Then students of the 1-D convnet learn the target by
+scratch, fine-tuning from ``related`` with a new head, distillation from ``related`` (whose outputs are other
+digits: KD is expected to struggle, see examples/README.md), knowledge flow from both teachers at every
+layer, and — the control — knowledge flow from untrained teachers of the same two architectures, which shows
+how much of the gain is the teachers' knowledge and how much the extra width while training. Each method is
+a :func:`graftnet.tune`: its learning rate (and KD's α) chosen on the validation split with seed 0, then
+rerun with every seed. The table reports the test error of each exported, teacher-free student.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from typing import Any
 
 import torch
 
-from graftnet.data import Splits, task_splits
+from graftnet.data import task_splits
 from graftnet.launch import train
-from graftnet.spec import Spec, load_spec
-from graftnet.training.results import RunResult
+from graftnet.provenance import command_line, versions
+from graftnet.spec import load_spec
+from graftnet.tune import folder_name, setting_text, tune
 
 __all__ = ["DemoConfig", "MethodSummary", "demo"]
 
 STUDENT = {"model": "graftnet:cnn1d", "kwargs": {"num_classes": 5, "channels": [32, 32, 32]}}
+WIDE = {"model": "graftnet:cnn1d", "kwargs": {"num_classes": 5, "channels": [64, 64, 64, 64], "kernel_size": 3}}
+TEACHERS = {"related": STUDENT, "wide": WIDE}
 SITES = ["features.act1", "features.act2", "features.act3"]
 
 
@@ -54,98 +58,68 @@ class DemoConfig:
         return cls(samples=2000, target_train=64, val=100, teacher_epochs=2, epochs=4, seeds=2, lrs=(3e-3,),
                    kd_alphas=(0.9,))  # fmt: skip
 
-    def settings(self, method: str) -> list[dict[str, float]]:
-        """The hyper-parameter grid of ``method``: learning rates, and for KD also α."""
-        alphas = self.kd_alphas if method == "kd" else (None,)
-        return [{"lr": lr} | ({"alpha": a} if a is not None else {}) for lr in self.lrs for a in alphas]
+    def grid(self, method: str) -> dict[str, list[float]]:
+        """The hyper-parameters :func:`graftnet.tune` chooses for ``method``: learning rates, for KD also α."""
+        grid = {"train.lr": list(self.lrs)}
+        return grid | ({"train.kd.alpha": list(self.kd_alphas)} if method == "kd" else {})
 
 
 @dataclass
 class MethodSummary:
-    """One row of the demo's table: the learning rate chosen on validation and the errors over seeds."""
+    """One row of the demo's table: the setting chosen on validation and the errors over seeds."""
 
     method: str
     setting: dict[str, float]
     test_errors: list[float] = field(default_factory=list)
     val_errors: list[float] = field(default_factory=list)
     min_p_w_student: list[float] = field(default_factory=list)
+    forced_exports: int = 0
 
     def row(self) -> str:
         mean = statistics.mean(self.test_errors)
         std = statistics.stdev(self.test_errors) if len(self.test_errors) > 1 else 0.0
         p0 = f"{min(self.min_p_w_student):.4f}" if self.min_p_w_student else "-"
         val = statistics.mean(self.val_errors)
-        return f"| {LABELS[self.method]} | {_name(self.setting, ' ')} | {mean:.2f} ± {std:.2f} | {val:.2f} | {p0} |"
+        return f"| {LABELS[self.method]} | {setting_text(self.setting)} | {mean:.2f} ± {std:.2f} | {val:.2f} | {p0} |"
 
 
 LABELS = {
     "scratch": "scratch",
-    "finetune": "fine-tune from related",
+    "finetune": "fine-tune from related, new head",
     "kd": "KD from related",
-    "knowledge_flow": "knowledge flow (related + unrelated)",
+    "knowledge_flow": "knowledge flow (related + wide)",
     "knowledge_flow_untrained": "knowledge flow, untrained teachers (control)",
 }
 
 
-def _data(cfg: DemoConfig, classes: list[int], train_size: int | None, shuffle: bool = False) -> dict[str, Any]:
+def _data(cfg: DemoConfig, classes: list[int], train_size: int | None) -> dict[str, Any]:
     return {
         "dataset": "mnist1d",
         "kwargs": {"samples": cfg.samples},
         "classes": classes,
         "train_size": train_size,
         "val_size": cfg.val,
-        "shuffle_labels": shuffle,
         "batch_size": cfg.batch_size,
     }
 
 
-def _train_section(method: str, epochs: int, lr: float, seed: int, label: str, **extra: Any) -> dict[str, Any]:
-    return {"method": method, "epochs": epochs, "lr": lr, "seed": seed, "threads": 1, "label": label, **extra}
-
-
-def _name(setting: dict[str, float], sep: str = "_") -> str:
-    return sep.join(f"{k}{'=' if sep == ' ' else ''}{v:g}" for k, v in setting.items())
-
-
-def _student_spec(
-    cfg: DemoConfig, method: str, setting: dict[str, float], seed: int, teachers_dir: Path
-) -> dict[str, Any]:
-    """The spec of one target run."""
-    lr = setting["lr"]
-    data = _data(cfg, [0, 1, 2, 3, 4], cfg.target_train)
-    spec: dict[str, Any] = {"student": STUDENT, "data": data}
-    trained = {name: str(teachers_dir / name / "student.safetensors") for name in ("related", "unrelated")}
-    label = LABELS[method]
-    if method == "scratch":
-        spec["train"] = _train_section("scratch", cfg.epochs, lr, seed, label)
-    elif method == "finetune":
+def _student_spec(cfg: DemoConfig, method: str, teachers_dir: Path) -> dict[str, Any]:
+    """The spec of one method's target runs (tune sets the learning rate and the seed)."""
+    spec: dict[str, Any] = {"student": STUDENT, "data": _data(cfg, [0, 1, 2, 3, 4], cfg.target_train)}
+    train: dict[str, Any] = {"method": method, "epochs": cfg.epochs, "threads": 1, "label": LABELS[method]}
+    trained = {name: str(teachers_dir / name / "student.safetensors") for name in TEACHERS}
+    if method in ("finetune", "kd"):
         spec["teachers"] = {"related": {**STUDENT, "weights": trained["related"]}}
-        spec["train"] = _train_section("finetune", cfg.epochs, lr, seed, label, finetune={"teacher": "related"})
-    elif method == "kd":
-        spec["teachers"] = {"related": {**STUDENT, "weights": trained["related"]}}
-        kd = {"teacher": "related", "alpha": setting["alpha"]}
-        spec["train"] = _train_section("kd", cfg.epochs, lr, seed, label, kd=kd)
-    else:
+        train["finetune" if method == "finetune" else "kd"] = {"teacher": "related"}
+        if method == "finetune":
+            train["finetune"]["reinit"] = ["head"]  # the source's classes are other digits
+    elif method != "scratch":
         untrained = method == "knowledge_flow_untrained"
-        spec["teachers"] = {n: {**STUDENT, "weights": None if untrained else w} for n, w in trained.items()}
-        spec["sites"] = [{"student": s, "taps": [f"related:{s}", f"unrelated:{s}"]} for s in SITES]
-        spec["train"] = _train_section("knowledge_flow", cfg.epochs, lr, seed, label)
+        spec["teachers"] = {n: {**m, "weights": None if untrained else trained[n]} for n, m in TEACHERS.items()}
+        spec["sites"] = [{"student": s, "taps": [f"{n}:{s}" for n in TEACHERS]} for s in SITES]
+        train["method"] = "knowledge_flow"
+    spec["train"] = train
     return spec
-
-
-class _SplitCache:
-    """Generating MNIST-1D takes seconds: every run with the same data section shares one copy."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, Splits] = {}
-
-    def __call__(self, spec: Spec) -> Splits:
-        d = spec.data
-        assert d is not None
-        key = d.model_dump_json()
-        if key not in self._cache:
-            self._cache[key] = task_splits(spec)
-        return self._cache[key]
 
 
 def demo(
@@ -164,68 +138,48 @@ def demo(
     cfg = cfg or DemoConfig()
     out = Path(out)
     started = time.perf_counter()
-    splits = _SplitCache()
     threads = torch.get_num_threads()
-
-    def run(spec_dict: dict[str, Any], run_dir: Path, what: str) -> RunResult:
-        spec = load_spec(spec_dict)
-        t0 = time.perf_counter()
-        result = train(spec, run_dir, overwrite=True, progress=False, tensorboard=False, splits=splits(spec))
-        log(f"  {what}: val error {result.val_error:.2f}%, test error {result.test_error:.2f}% "
-            f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
-        return result
-
     try:
         log(f"graftnet demo → {out}  (MNIST-1D: source digits 5-9, target digits 0-4 with {cfg.target_train} labels)")
         teachers_dir = out / "teachers"
-        for name, shuffle in (("related", False), ("unrelated", True)):
-            spec = {
-                "student": STUDENT,
-                "data": _data(cfg, [5, 6, 7, 8, 9], None, shuffle),
-                "train": _train_section("scratch", cfg.teacher_epochs, 3e-3, 0, f"teacher {name}"),
-            }
-            run(spec, teachers_dir / name, f"teacher {name} ({'shuffled' if shuffle else 'true'} source labels)")
-
+        for name, model in TEACHERS.items():
+            spec = {"student": model, "data": _data(cfg, [5, 6, 7, 8, 9], None),
+                    "train": {"method": "scratch", "epochs": cfg.teacher_epochs, "lr": 3e-3, "threads": 1,
+                              "label": f"teacher {name}"}}  # fmt: skip
+            done = train(spec, teachers_dir / name, overwrite=True, progress=False, tensorboard=False)
+            log(f"  teacher {name}: test error {done.test_error:.2f}% on the source task")
+        target = load_spec(_student_spec(cfg, "scratch", teachers_dir))
+        splits = task_splits(target)  # every method learns the same target data: generate it once
         summaries = []
         for method in cfg.methods:
-            log(f"{LABELS[method]}: choosing hyper-parameters on validation (seed 0)")
-            best: tuple[float, dict[str, float], RunResult] | None = None
-            for setting in cfg.settings(method):
-                spec = _student_spec(cfg, method, setting, 0, teachers_dir)
-                r = run(spec, out / method / f"{_name(setting)}_seed0", _name(setting, " "))
-                assert r.val_error is not None
-                if best is None or r.val_error < best[0]:
-                    best = (r.val_error, setting, r)
-            assert best is not None
-            _, setting, first = best
-            summary = MethodSummary(method, setting)
-            for seed in range(cfg.seeds):
-                r = first if seed == 0 else run(
-                    _student_spec(cfg, method, setting, seed, teachers_dir),
-                    out / method / f"{_name(setting)}_seed{seed}", f"{_name(setting, ' ')} seed {seed}",
-                )  # fmt: skip
-                assert r.test_error is not None and r.val_error is not None
-                summary.test_errors.append(r.test_error)
-                summary.val_errors.append(r.val_error)
-                if r.min_p_w_student is not None:
-                    summary.min_p_w_student.append(r.min_p_w_student)
-            summaries.append(summary)
+            log(f"{LABELS[method]}: choosing on validation (seed 0), then {cfg.seeds} seeds")
+            r = tune(_student_spec(cfg, method, teachers_dir), cfg.grid(method), out / method, seeds=cfg.seeds,
+                     overwrite=True, splits=splits, label=LABELS[method], log=log)  # fmt: skip
+            summaries.append(MethodSummary(
+                method, r.chosen, r.errors("test_error"), r.errors("val_error"),
+                [t.result.min_p_w_student for t in r.seeds if t.result.min_p_w_student is not None],
+                r.forced_exports,
+            ))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
+    stamp = ", ".join(f"{k} {v}" for k, v in versions().items())
     table = [
         f"Test error (%) of the exported students on MNIST-1D digits 0-4 ({cfg.target_train} labels), "
-        f"mean ± std over {cfg.seeds} seeds; hyper-parameters chosen on validation (seed 0):",
+        f"mean ± std over {cfg.seeds} seeds; settings chosen on validation (seed 0) by graftnet tune.",
+        f"Command: `{command_line()}`; {stamp}.",
         "",
         "| method | chosen | test error | val error | min p_w(student) at cut |",
         "| --- | --- | --- | --- | --- |",
         *(s.row() for s in summaries),
     ]
     log("\n".join(table))
-    chosen = [out / s.method / f"{_name(s.setting)}_seed0" for s in summaries]
-    for path in plot_runs(chosen, out / "plots"):
+
+    runs = [t for s in summaries for t in sorted((out / s.method).glob(f"{folder_name(s.setting)}/seed*"))]
+    for path in plot_runs(runs, out / "plots"):
         log(f"wrote {path}")
     (out / "results.md").write_text("\n".join(table) + "\n")
-    (out / "results.json").write_text(json.dumps([s.__dict__ for s in summaries], indent=2))
+    (out / "results.json").write_text(json.dumps({"versions": versions(), "command": command_line(),
+                                                  "methods": [s.__dict__ for s in summaries]}, indent=2))  # fmt: skip
     log(f"demo finished in {time.perf_counter() - started:.0f} s")
     return summaries

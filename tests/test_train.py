@@ -408,7 +408,7 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    for label in ("scratch", "fine-tune from related", "KD from related", "knowledge flow (related + unrelated)",
+    for label in ("scratch", "fine-tune from related, new head", "KD from related", "knowledge flow (related + wide)",
                   "knowledge flow, untrained teachers (control)"):  # fmt: skip
         assert f"| {label}" in out
     assert (tmp_path / "demo" / "plots" / "p_w.png").is_file()
