@@ -5,9 +5,9 @@ itself) unless their runs exist, then, for each seed, four A2C students on the s
 scratch, fine-tuned from the Breakout teacher, knowledge flow from the two non-expert teachers, and knowledge
 flow from the expert. Two runs at a time (one thread each), each its own ``graftnet train`` process.
 Writes ``RUNS/results.md`` (the detached students' evaluation returns, mean ± std over seeds) and the return
-and p_w plots of seed 0 into ``RUNS/plots``.
+and p_w plots (mean ± std over seeds) into ``RUNS/plots``.
 
-Run:  python examples/rl_minatar.py [--runs runs/rl] [--seeds 0 1 2] [--frames 2000000] [--jobs 2]
+Run:  python examples/rl_minatar.py [--runs runs/rl] [--seeds 0 1 2] [--frames 2000000] [--jobs 2] [--methods ...]
 """
 
 from __future__ import annotations
@@ -51,12 +51,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--frames", type=int, default=2_000_000)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", choices=list(STUDENTS), default=list(STUDENTS), metavar="LABEL",
+                        help="the students to train (default all): " + "; ".join(STUDENTS))  # fmt: skip
     args = parser.parse_args()
+    students = {label: STUDENTS[label] for label in args.methods}
+    experts = any("expert" in spec for spec, _ in students.values())
+    teachers = {k: v for k, v in TEACHERS.items() if experts or not k.startswith("expert")}
     runs = Path(args.runs)
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the training processes
         print("teachers", flush=True)
-        list(pool.map(lambda kv: _train(kv[1], runs / kv[0]), TEACHERS.items()))
-        print(f"students: {len(STUDENTS)} methods x seeds {args.seeds}, {args.frames:,} frames each", flush=True)
+        list(pool.map(lambda kv: _train(kv[1], runs / kv[0]), teachers.items()))
+        print(f"students: {len(students)} methods x seeds {args.seeds}, {args.frames:,} frames each", flush=True)
         jobs = {
             (label, seed): pool.submit(
                 _train, spec, runs / f"{method}_{Path(spec).stem.split('_')[-1]}_seed{seed}",
@@ -64,7 +69,7 @@ def main() -> None:
                 f"train.label={label}",
             )
             for seed in args.seeds
-            for label, (spec, method) in STUDENTS.items()
+            for label, (spec, method) in students.items()
         }  # fmt: skip
         results = {key: job.result() for key, job in jobs.items()}
     lines = [
@@ -75,7 +80,7 @@ def main() -> None:
         "| method | return | per seed | min p_w(student) at cut | training time |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for label in STUDENTS:
+    for label in students:
         per_seed = [results[(label, s)]["eval_mean"] for s in args.seeds]
         spread = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
         p_w = [results[(label, s)]["min_p_w_student"] for s in args.seeds]
@@ -85,8 +90,9 @@ def main() -> None:
                      f"{', '.join(f'{v:.1f}' for v in per_seed)} | {p_w_text} | {seconds:.0f} s |")  # fmt: skip
     (runs / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    seed0 = [str(runs / f"{m}_{Path(sp).stem.split('_')[-1]}_seed{args.seeds[0]}") for sp, m in STUDENTS.values()]
-    subprocess.run([sys.executable, "-m", "graftnet", "plot", *seed0, "--out", str(runs / "plots")], check=True)
+    every = [str(runs / f"{m}_{Path(sp).stem.split('_')[-1]}_seed{s}")
+             for sp, m in students.values() for s in args.seeds]  # fmt: skip
+    subprocess.run([sys.executable, "-m", "graftnet", "plot", *every, "--out", str(runs / "plots")], check=True)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def run(method: str, optimizer: str, out: str, weights: str, seeds: int) -> dict
                       label=METHODS[method], log=lambda _: None)  # fmt: skip
     pw = [t.result.min_p_w_student for t in r.seeds if t.result.min_p_w_student is not None]
     return {"method": method, "optimizer": optimizer, "chosen": r.chosen["train.lr"], "test": r.errors("test_error"),
-            "val": r.errors("val_error"), "min_p_w": min(pw) if pw else None, "forced": r.forced_exports}  # fmt: skip
+            "val": r.errors("val_error"), "min_p_w": min(pw) if pw else None, "forced": r.forced_exports,
+            "diverged": [t.setting["train.lr"] for t in r.trials if t.failed]}  # fmt: skip
 
 
 def _ms(values: list[float]) -> str:
@@ -80,12 +81,13 @@ def main() -> None:
     lines = [f"Command: `{command_line()}`; {stamp}.", "",
              f"Test error (%) on digits (300 labels), exported student alone, mean ± std over {args.seeds} seeds; "
              "learning rate chosen on validation by graftnet tune.", "",
-             "| optimizer | method | chosen lr | test error (%) | val error (%) | min p_w(student) | forced exports |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| optimizer | method | chosen lr | test error (%) | val error (%) | min p_w(student) | forced exports "
+             "| diverged in the grid |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         pw = "-" if r["min_p_w"] is None else f"{r['min_p_w']:.4f}"
+        diverged = ", ".join(f"lr {v:g}" for v in r["diverged"]) or "-"
         lines.append(f"| {r['optimizer']} | {METHODS[r['method']]} | {r['chosen']:g} | {_ms(r['test'])} | "
-                     f"{_ms(r['val'])} | {pw} | {r['forced']} |")  # fmt: skip
+                     f"{_ms(r['val'])} | {pw} | {r['forced']} | {diverged} |")  # fmt: skip
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))

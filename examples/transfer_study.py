@@ -18,6 +18,8 @@ analogue (examples/README.md) covers it. Every method's learning rate is chosen 
 student alone, and p_w(student) per site when the teachers were cut.
 
 Run:  python examples/transfer_study.py [--out runs/transfer] [--labels 50 250] [--seeds 3] [--jobs 2]
+      python examples/transfer_study.py --out runs/transfer_nofloor --teachers-from runs/transfer \
+          --methods knowledge_flow --set train.p_w_floor=null      # a variant of the defaults
 Writes OUT/results.md (and a copy of the table to stdout), OUT/results.json, and every tune's folder.
 """
 
@@ -35,6 +37,7 @@ from typing import Any
 
 import graftnet
 from graftnet.provenance import command_line, versions
+from graftnet.spec import override_spec, parse_overrides
 
 SITES = ["features.act1", "features.act2", "features.act3"]
 CNN = {"model": "graftnet:cnn1d", "kwargs": {"num_classes": 5, "channels": [32, 32, 32]}}
@@ -92,7 +95,7 @@ def train_teachers(out: Path, samples: int, epochs: int) -> None:
 def job_spec(job: Job, out: Path, samples: int, epochs: int) -> dict[str, Any]:
     spec: dict[str, Any] = {"student": CNN, "data": _data([0, 1, 2, 3, 4], job.labels, False, samples)}
     train: dict[str, Any] = {"method": job.method, "epochs": epochs, "threads": 1}
-    teachers, _ = SCENARIOS[job.scenario]
+    teachers = SCENARIOS[job.scenario][0] if job.method != "scratch" else []
     if job.method == "finetune":
         spec["teachers"] = {"t": {**TEACHERS[teachers[0]][0], "weights": _teacher_weights(out, teachers[0])}}
         train["finetune"] = {"teacher": "t", "reinit": ["head"]}
@@ -106,13 +109,18 @@ def job_spec(job: Job, out: Path, samples: int, epochs: int) -> dict[str, Any]:
     return spec
 
 
-def run_job(job: Job, out: str, samples: int, epochs: int, lrs: list[float], seeds: int) -> dict[str, Any]:
+def run_job(
+    job: Job, out: str, samples: int, epochs: int, lrs: list[float], seeds: int, kf_settings: dict[str, Any]
+) -> dict[str, Any]:
     out_dir = Path(out)
     spec = job_spec(job, out_dir, samples, epochs)
+    if job.method in ("knowledge_flow", "control") and kf_settings:
+        spec = override_spec(spec, kf_settings).model_dump(mode="json")
     r = graftnet.tune(spec, {"train.lr": lrs}, out_dir / job.name, seeds=seeds, label=job.method,
                       log=lambda _: None)  # fmt: skip
     return {"job": job.__dict__, "chosen": r.chosen, "test": r.errors("test_error"), "val": r.errors("val_error"),
-            "forced": r.forced_exports, "p_w": [p_w_at_cut(t.result.run_dir) for t in r.seeds]}  # fmt: skip
+            "forced": r.forced_exports, "p_w": [p_w_at_cut(t.result.run_dir) for t in r.seeds if t.failed is None],
+            "failed": r.failures}  # fmt: skip
 
 
 def p_w_at_cut(run_dir: Path) -> dict[str, float]:
@@ -165,17 +173,28 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
     parser.add_argument("--jobs", type=int, default=2, help="tunes at a time (one thread each)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--methods", nargs="+", default=list(LABELS), choices=[m for m in LABELS if m != "kd"])
+    parser.add_argument("--teachers-from", metavar="OUT", help="use the teachers of an earlier study's --out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a spec override for the knowledge-flow runs (and their control), e.g. "
+                        "--set train.p_w_floor=null: a variant of the defaults, in its own --out")  # fmt: skip
     args = parser.parse_args()
+    kf_settings = parse_overrides(args.set)[0]
     out = Path(args.out)
+    if args.teachers_from:  # a variant reuses the main study's teachers
+        (out / "teachers").parent.mkdir(parents=True, exist_ok=True)
+        if not (out / "teachers").exists():
+            (out / "teachers").symlink_to(Path(args.teachers_from).resolve() / "teachers")
     train_teachers(out, args.samples, args.teacher_epochs)
-    jobs = [Job("-", "scratch", n) for n in args.labels]
+    jobs = [Job("-", "scratch", n) for n in args.labels if "scratch" in args.methods]
     for n in args.labels:
         for scenario in args.scenarios:
             _, can_finetune = SCENARIOS[scenario]
             methods = (["finetune"] if can_finetune else []) + ["knowledge_flow", "control"]
-            jobs += [Job(scenario, m, n) for m in methods]
+            jobs += [Job(scenario, m, n) for m in methods if m in args.methods]
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_job, j, str(out), args.samples, args.epochs, args.lrs, args.seeds) for j in jobs]
+        futures = [pool.submit(run_job, j, str(out), args.samples, args.epochs, args.lrs, args.seeds, kf_settings)
+                   for j in jobs]  # fmt: skip
         results = []
         for job, future in zip(jobs, futures, strict=True):
             results.append(future.result())

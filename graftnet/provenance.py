@@ -50,4 +50,6 @@ def command_line() -> str:
     argv = list(_recorded if _recorded is not None else sys.argv)
     if argv and argv[0].endswith(("graftnet", "__main__.py")):
         argv[0] = "graftnet"
+    elif argv and argv[0].endswith(".py"):  # a script: python examples/….py
+        argv.insert(0, "python")
     return shlex.join(argv)

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from graftnet.checkpoint import spec_hash
-from graftnet.errors import GraftError, SpecError
+from graftnet.errors import GraftError, SpecError, TrainingError
 from graftnet.launch import train
 from graftnet.provenance import command_line, versions
 from graftnet.spec import Spec, load_spec, override_spec, parse_yaml, short_repr
@@ -43,11 +43,13 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 @dataclass
 class Trial:
-    """One run of the tune: a setting of the grid with one seed."""
+    """One run of the tune: a setting of the grid with one seed. ``failed`` says why a run that stopped with a
+    :class:`TrainingError` (a loss or a validation loss that is not finite: the setting diverged) did."""
 
     setting: Setting
     seed: int
     result: RunResult
+    failed: str | None = None
 
 
 @dataclass
@@ -62,7 +64,7 @@ class TuneResult:
     seeds: list[Trial] = field(default_factory=list)
 
     def errors(self, which: str = "test_error") -> list[float]:
-        """The chosen setting's ``test_error`` or ``val_error`` (%) per seed (runs without one are left out)."""
+        """The chosen setting's ``test_error`` or ``val_error`` (%) per seed (failed runs are left out)."""
         return [v for t in self.seeds if (v := getattr(t.result, which)) is not None]
 
     def mean_std(self, which: str = "test_error") -> tuple[float, float]:
@@ -71,6 +73,11 @@ class TuneResult:
         if not values:
             return math.nan, math.nan
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    @property
+    def failures(self) -> int:
+        """Runs of the chosen setting that diverged (see :attr:`Trial.failed`)."""
+        return sum(t.failed is not None for t in self.seeds)
 
     @property
     def forced_exports(self) -> int:
@@ -90,6 +97,8 @@ class TuneResult:
         pw = [t.result.min_p_w_student for t in self.seeds if t.result.min_p_w_student is not None]
         if pw:
             lines.append(f"  min p_w(student) at the cut: {min(pw):.6f}; forced exports: {self.forced_exports}")
+        if self.failures:
+            lines.append(f"  {self.failures} of the chosen setting's runs diverged and are left out of the mean")
         lines.append(f"  chosen spec: {self.out / 'chosen.yaml'}; table: {self.out / 'results.md'}")
         return lines
 
@@ -214,16 +223,17 @@ def tune(
     def run(setting: Setting, spec: Spec, seed: int, what: str) -> Trial:
         spec = override_spec(spec, {"train.seed": seed, "train.label": f"{name} {setting_text(setting)}".strip()})
         run_dir = out / folder_name(setting) / f"seed{seed}"
-        result = _run(spec, run_dir, overwrite, splits if splits is not None else _splits(spec, cache), log, what)
-        return Trial(setting, seed, result)
+        data = splits if splits is not None else _splits(spec, cache)
+        return _run(setting, seed, spec, run_dir, overwrite, data, log, what)
 
     log(f"graftnet tune → {out}: {len(settings)} setting(s) × seed {first_seed}, then {seeds} seed(s) of the choice")
     trials = [run(s, sp, first_seed, f"{setting_text(s) or 'spec'} seed {first_seed}")
               for s, sp in zip(settings, specs, strict=True)]  # fmt: skip
-    missing = [t for t in trials if t.result.val_error is None]
-    if missing:
-        raise GraftError(f"{missing[0].result.run_dir}: the run has no validation error to choose on")
-    best = min(range(len(trials)), key=lambda i: trials[i].result.val_error)  # type: ignore[arg-type, return-value]
+    usable = [i for i, t in enumerate(trials) if t.failed is None and t.result.val_error is not None]
+    if not usable:
+        raise GraftError(f"every setting of the grid failed or has no validation error ({trials[0].failed or 'none'}); "
+                         "try smaller learning rates")  # fmt: skip
+    best = min(usable, key=lambda i: trials[i].result.val_error)  # type: ignore[arg-type, return-value]
     chosen = settings[best]
     log(f"chosen on validation: {setting_text(chosen) or 'the spec as given'} "
         f"(val error {trials[best].result.val_error:.2f}%)")  # fmt: skip
@@ -247,8 +257,15 @@ def _splits(spec: Spec, cache: dict[str, Any]) -> Any:
     return cache[key]
 
 
-def _run(spec: Spec, run_dir: Path, overwrite: bool, splits: Any, log: Callable[[str], None], what: str) -> RunResult:
-    """A finished run is read back, an interrupted one resumed, a new one started."""
+FAILED_NAME = "tune_failed.txt"
+
+
+def _run(
+    setting: Setting, seed: int, spec: Spec, run_dir: Path, overwrite: bool, splits: Any,
+    log: Callable[[str], None], what: str,
+) -> Trial:  # fmt: skip
+    """A finished run is read back, an interrupted one resumed, a new one started. A run that diverges (a
+    :class:`TrainingError`) is a failed trial, not the end of the tune; the reason is kept in the run folder."""
     saved = run_dir / SPEC_NAME
     same = False
     if saved.is_file():
@@ -261,20 +278,31 @@ def _run(spec: Spec, run_dir: Path, overwrite: bool, splits: Any, log: Callable[
                 f"{run_dir} holds a run of another spec ({saved}); tune with the same spec and grid to resume, or "
                 "pass --overwrite to start those runs over"
             )
-    done = run_dir / RESULTS_NAME
+    assert spec.train is not None
+    failed_file, done = run_dir / FAILED_NAME, run_dir / RESULTS_NAME
+    if same and failed_file.is_file():
+        reason = failed_file.read_text().strip()
+        log(f"  {what}: failed before ({reason})")
+        return Trial(setting, seed, RunResult(run_dir, spec.train.method), reason)
     if same and done.is_file():
         result = RunResult.read(done)
         log(f"  {what}: done before, val error {result.val_error:.2f}%")
-        return result
+        return Trial(setting, seed, result)
     started = time.perf_counter()
-    result = train(spec, run_dir, resume=same, overwrite=not same, progress=False, tensorboard=False, splits=splits)
+    try:
+        result = train(spec, run_dir, resume=same, overwrite=not same, progress=False, tensorboard=False,
+                       splits=splits)  # fmt: skip
+    except TrainingError as e:
+        failed_file.write_text(f"{e}\n")
+        log(f"  {what}: failed: {e}")
+        return Trial(setting, seed, RunResult(run_dir, spec.train.method), str(e))
     if result.interrupted:
         raise GraftError(f"{result.interrupted}: the tune stopped in {run_dir}; run the same command again to resume")
     log(f"  {what}: val error {result.val_error:.2f}%, {time.perf_counter() - started:.1f} s")
-    return result
+    return Trial(setting, seed, result)
 
 
-_COLUMNS = ("phase", "seed", "val_error", "test_error", "min_p_w_student", "forced_export", "seconds", "run_dir")
+_COLUMNS = ("phase", "seed", "val_error", "test_error", "min_p_w_student", "forced_export", "failed", "run_dir")
 
 
 def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[str], None]) -> None:
@@ -287,7 +315,7 @@ def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[st
     for phase, t in rows:
         r = t.result
         writer.writerow([*(_value_text(t.setting[k]) for k in keys), phase, t.seed, r.val_error, r.test_error,
-                         r.min_p_w_student, r.forced_export, round(r.seconds, 1), r.run_dir])  # fmt: skip
+                         r.min_p_w_student, r.forced_export, t.failed or "", r.run_dir])  # fmt: skip
     (out / "results.csv").write_text(buffer.getvalue())
 
     provenance = versions()
@@ -300,7 +328,7 @@ def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[st
           f"Grid (seed {result.trials[0].seed}); chosen on validation error only:", "",
           "| setting | val error (%) | min p_w(student) | |", "| --- | --- | --- | --- |"]  # fmt: skip
     for t in result.trials:
-        mark = "**chosen**" if t.setting == result.chosen else ""
+        mark = "**chosen**" if t.setting == result.chosen else ("failed: diverged" if t.failed else "")
         pw = "-" if t.result.min_p_w_student is None else f"{t.result.min_p_w_student:.4f}"
         md.append(f"| {setting_text(t.setting) or 'spec'} | {pct(t.result.val_error)} | {pw} | {mark} |")
     test, test_sd = result.mean_std("test_error")
@@ -310,9 +338,11 @@ def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[st
            "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for t in result.seeds:
         pw = "-" if t.result.min_p_w_student is None else f"{t.result.min_p_w_student:.4f}"
-        md.append(f"| {t.seed} | {pct(t.result.val_error)} | {pct(t.result.test_error)} | {pw} | "
-                  f"{'yes' if t.result.forced_export else 'no'} |")  # fmt: skip
+        forced = "failed (diverged)" if t.failed else ("yes" if t.result.forced_export else "no")
+        md.append(f"| {t.seed} | {pct(t.result.val_error)} | {pct(t.result.test_error)} | {pw} | {forced} |")
     md.append(f"| mean ± std | {val:.2f} ± {val_sd:.2f} | {test:.2f} ± {test_sd:.2f} | | |")
+    if result.failures:
+        md += ["", f"{result.failures} run(s) diverged and are left out of the mean (see {FAILED_NAME} in each)."]
     (out / "results.md").write_text("\n".join(md) + "\n")
 
     header = [f"Chosen by graftnet tune on validation: {setting_text(result.chosen) or 'the spec as given'}",
@@ -324,16 +354,19 @@ def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[st
     (out / "chosen.yaml").write_text(text)
     payload = {
         "grid": result.grid, "chosen": result.chosen, "command": command_line(), "versions": provenance,
-        "trials": [{"setting": t.setting, "seed": t.seed, **t.result.to_json()} for t in result.trials],
-        "seeds": [{"setting": t.setting, "seed": t.seed, **t.result.to_json()} for t in result.seeds],
+        "trials": [{"setting": t.setting, "seed": t.seed, "failed": t.failed, **t.result.to_json()}
+                   for t in result.trials],
+        "seeds": [{"setting": t.setting, "seed": t.seed, "failed": t.failed, **t.result.to_json()}
+                  for t in result.seeds],
         "test_error": {"mean": test, "std": test_sd}, "val_error": {"mean": val, "std": val_sd},
     }  # fmt: skip
     (out / "tune.json").write_text(json.dumps(payload, indent=2, default=str))
     if plots:
         from graftnet.plot import plot_runs
 
-        for path in plot_runs([t.result.run_dir for t in result.seeds], out / "plots"):
+        for path in plot_runs([t.result.run_dir for t in result.seeds if t.failed is None], out / "plots"):
             log(f"wrote {path}")
-        if len(result.trials) > 1:
-            for path in plot_runs([t.result.run_dir for t in result.trials], out / "plots" / "grid"):
+        finished = [t.result.run_dir for t in result.trials if t.failed is None]
+        if len(finished) > 1:
+            for path in plot_runs(finished, out / "plots" / "grid"):
                 log(f"wrote {path}")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from graftnet.cli import main
-from graftnet.errors import GraftError, SpecError
+from graftnet.errors import GraftError, SpecError, TrainingError
 from graftnet.spec import load_spec
 from graftnet.training.results import RunResult
 from graftnet.tune import parse_grid, tune
@@ -35,9 +35,11 @@ class FakeTrain:
 
     def __call__(self, spec: Any, run_dir: Path, **kwargs: Any) -> RunResult:
         self.calls.append({"lr": spec.train.lr, "seed": spec.train.seed, "run_dir": run_dir, **kwargs})
-        val, test = self.errors[spec.train.lr]
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.json").write_text(json.dumps(spec.model_dump(mode="json")))
+        if spec.train.lr not in self.errors:
+            raise TrainingError(f"the loss is not finite at step 3 (lr {spec.train.lr})")
+        val, test = self.errors[spec.train.lr]
         result = RunResult(run_dir, "scratch", epochs=2, val_error=val + spec.train.seed, test_error=test)
         result.write(run_dir / "results.json")
         return result
@@ -93,6 +95,21 @@ def test_a_folder_of_another_spec_is_refused_unless_overwrite(tmp_path: Path, mo
     fake.calls.clear()
     tune(other, {"train.lr": [0.1]}, tmp_path / "t", seeds=1, overwrite=True, plots=False, log=lambda _: None)
     assert [c["overwrite"] for c in fake.calls] == [True]
+
+
+def test_a_diverged_setting_is_a_failed_trial_not_the_end_of_the_tune(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeTrain({0.01: (3.0, 8.0)})  # lr 1.0 diverges
+    monkeypatch.setattr(tune_module, "train", fake)
+    r = tune(SPEC, {"train.lr": [1.0, 0.01]}, tmp_path / "t", seeds=1, plots=False, log=lambda _: None)
+    assert r.chosen == {"train.lr": 0.01} and r.trials[0].failed is not None and "not finite" in r.trials[0].failed
+    assert "failed: diverged" in (tmp_path / "t" / "results.md").read_text()
+    fake.calls.clear()  # the failure is remembered: a second tune does not rerun it
+    tune(SPEC, {"train.lr": [1.0, 0.01]}, tmp_path / "t", seeds=1, plots=False, log=lambda _: None)
+    assert fake.calls == []
+    with pytest.raises(GraftError, match="every setting of the grid failed"):
+        tune(SPEC, {"train.lr": [2.0]}, tmp_path / "u", seeds=1, plots=False, log=lambda _: None)
 
 
 def test_parse_grid_reads_values_and_lists() -> None:
