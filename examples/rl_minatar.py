@@ -34,6 +34,15 @@ STUDENTS = {  # label: (spec, method)
 }
 
 
+def _teacher_weights(spec: str, runs: Path) -> list[str]:
+    """``--set`` items that point the spec's teacher weights (written for ``runs/rl``) into ``runs``."""
+    import yaml
+
+    teachers = yaml.safe_load((SPECS / spec).read_text()).get("teachers") or {}
+    return [f"teachers.{name}.weights={runs / Path(t['weights']).parent.name / 'student.safetensors'}"
+            for name, t in teachers.items() if t.get("weights")]  # fmt: skip
+
+
 def _train(spec: str, out: Path, *overrides: str) -> dict:
     if not (out / "results.json").is_file():
         cmd = [sys.executable, "-m", "graftnet", "train", str(SPECS / spec), "--out", str(out), "--no-progress",
@@ -66,7 +75,7 @@ def main() -> None:
             (label, seed): pool.submit(
                 _train, spec, runs / f"{method}_{Path(spec).stem.split('_')[-1]}_seed{seed}",
                 f"train.method={method}", f"train.seed={seed}", f"rl.frames={args.frames}",
-                f"train.label={label}",
+                f"train.label={label}", *(_teacher_weights(spec, runs) if method != "scratch" else []),
             )
             for seed in args.seeds
             for label, (spec, method) in students.items()

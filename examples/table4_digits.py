@@ -21,6 +21,7 @@ from typing import Any
 
 import graftnet
 from graftnet.provenance import command_line, versions
+from graftnet.spec import override_spec, parse_overrides
 
 STUDENT = {"model": "graftnet:mlp", "kwargs": {"in_features": 64, "hidden": [800, 800], "num_classes": 10}}
 TEACHER = {"model": "graftnet:mlp",
@@ -43,7 +44,7 @@ def teacher(out: Path) -> Path:
     return run_dir / "student.safetensors"
 
 
-def run(method: str, optimizer: str, out: str, weights: str, seeds: int) -> dict[str, Any]:
+def run(method: str, optimizer: str, out: str, weights: str, seeds: int, kf_settings: dict[str, Any]) -> dict[str, Any]:
     train = {"method": method, "epochs": 100, "optimizer": optimizer, "threads": 1}
     spec: dict[str, Any] = {"student": STUDENT, "data": _data(300), "train": train}
     if method != "scratch":
@@ -52,6 +53,7 @@ def run(method: str, optimizer: str, out: str, weights: str, seeds: int) -> dict
         spec["train"]["kd"] = {"teacher": "big", "temperature": 20.0, "alpha": 0.9}
     if method == "knowledge_flow":
         spec["sites"] = [{"student": "body.2", "taps": ["big:body.2"]}, {"student": "body.4", "taps": ["big:body.5"]}]
+        spec = override_spec(spec, kf_settings).model_dump(mode="json")
     r = graftnet.tune(spec, {"train.lr": LRS[optimizer]}, Path(out) / optimizer / method, seeds=seeds,
                       label=METHODS[method], log=lambda _: None)  # fmt: skip
     pw = [t.result.min_p_w_student for t in r.seeds if t.result.min_p_w_student is not None]
@@ -70,13 +72,18 @@ def main() -> None:
     parser.add_argument("--out", default="runs/table4")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--optimizers", nargs="+", choices=list(LRS), default=list(LRS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a spec override for the knowledge-flow runs: a variant of the defaults, in its own --out")
     args = parser.parse_args()
+    kf_settings = parse_overrides(args.set)[0]
     out = Path(args.out)
     weights = str(teacher(out))
-    jobs = [(m, o) for o in LRS for m in METHODS]
+    jobs = [(m, o) for o in args.optimizers for m in args.methods]
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(run, *zip(*jobs, strict=True), [str(out)] * len(jobs), [weights] * len(jobs),
-                             [args.seeds] * len(jobs)))  # fmt: skip
+                             [args.seeds] * len(jobs), [kf_settings] * len(jobs)))  # fmt: skip
     stamp = ", ".join(f"{k} {v}" for k, v in versions().items())
     lines = [f"Command: `{command_line()}`; {stamp}.", "",
              f"Test error (%) on digits (300 labels), exported student alone, mean ± std over {args.seeds} seeds; "
