@@ -215,6 +215,11 @@ def tune(
     if out.exists() and not out.is_dir():
         raise GraftError(f"tune folder {out} is a file: pass a folder")
     settings = [dict(zip(checked, values, strict=True)) for values in itertools.product(*checked.values())]
+    folders = [folder_name(s) for s in settings]
+    if len(set(folders)) != len(folders):
+        twice = next(f for f in folders if folders.count(f) > 1)
+        raise SpecError(f"two settings of the grid would share the run folder {twice!r}: give values that differ in "
+                        "their first 120 letters or characters [A-Za-z0-9._=+-]")  # fmt: skip
     specs = [override_spec(base, s, {k: f"grid {k}={_value_text(v)}" for k, v in s.items()}) for s in settings]
     first_seed = base.train.seed
     name = label or base.train.label or base.train.method

@@ -128,6 +128,8 @@ def test_a_bad_grid_value_is_named(tmp_path: Path) -> None:
         tune(SPEC, {"train.lr": [-1.0]}, tmp_path / "t", plots=False, log=lambda _: None)
     with pytest.raises(SpecError, match="lrr"):
         tune(SPEC, {"train.lrr": [1.0]}, tmp_path / "t", plots=False, log=lambda _: None)
+    with pytest.raises(SpecError, match="share the run folder"):
+        tune(SPEC, {"train.label": ["a/b", "a b"]}, tmp_path / "t", plots=False, log=lambda _: None)
     rl = {"student": CNN, "rl": {"env": "CartPole-v1"}, "train": {"method": "scratch"}}
     with pytest.raises(SpecError, match="validation"):
         tune(rl, {}, tmp_path / "t", plots=False, log=lambda _: None)
