@@ -7,6 +7,7 @@ silently ignored key). Nothing here imports torch or user code: model references
 
 from __future__ import annotations
 
+import copy
 import json
 import keyword
 import reprlib
@@ -817,7 +818,7 @@ def override_spec(
         SpecError: a key names no place in the spec, or the result is not a valid spec.
 
     Examples:
-        >>> override_spec({"train": {"lr": 0.1}}, {"train.lr": 0.01, "train.seed": 3}).train.seed
+        >>> override_spec({"train": {"method": "scratch", "lr": 0.1}}, {"train.lr": 0.01, "train.seed": 3}).train.seed
         3
     """
     labels = labels or {}
@@ -827,7 +828,7 @@ def override_spec(
     elif isinstance(spec, (str, Path)):
         raw, source = read_spec_file(Path(spec)), str(spec)
     else:
-        raw, source = json.loads(json.dumps(spec)), "given as a dict"  # a deep copy: the caller's dict is kept
+        raw, source = copy.deepcopy(dict(spec)), "given as a dict"  # the caller's dict is kept as it was
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
