@@ -169,8 +169,7 @@ class GraftedModel(nn.Module):
             for mixer in self.mixers.values():
                 w = mixer.logits
                 excess = torch.logsumexp(w[1:].float() - w[0].float(), dim=0) - allowed
-                if excess > 0:
-                    w[1:] -= excess.to(w.dtype)
+                w[1:] -= excess.clamp_min(0).to(w.dtype)  # no branch on a tensor: no device sync per step
 
     def dependency_loss(self) -> torch.Tensor:
         """The paper's eq. 5: −(1/L0) Σ_j log p_w^j(student), computed stably with log_softmax."""

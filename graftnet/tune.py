@@ -27,13 +27,12 @@ from typing import Any
 
 import yaml
 
-from graftnet.checkpoint import spec_hash
 from graftnet.errors import GraftError, SpecError, TrainingError
 from graftnet.launch import train
 from graftnet.provenance import command_line, versions
 from graftnet.spec import Spec, load_spec, override_spec, parse_yaml, short_repr
 from graftnet.training.results import RunResult
-from graftnet.training.run_dir import RESULTS_NAME, SPEC_NAME
+from graftnet.training.run_dir import RESULTS_NAME, SPEC_NAME, started_with
 
 __all__ = ["Trial", "TuneResult", "folder_name", "parse_grid", "setting_text", "tune"]
 
@@ -271,18 +270,16 @@ def _run(
 ) -> Trial:  # fmt: skip
     """A finished run is read back, an interrupted one resumed, a new one started. A run that diverges (a
     :class:`TrainingError`) is a failed trial, not the end of the tune; the reason is kept in the run folder."""
-    saved = run_dir / SPEC_NAME
-    same = False
-    if saved.is_file():
-        try:
-            same = spec_hash(load_spec(json.loads(saved.read_text()))) == spec_hash(spec)
-        except (OSError, ValueError, GraftError):
-            same = False
-        if not same and not overwrite:
-            raise GraftError(
-                f"{run_dir} holds a run of another spec ({saved}); tune with the same spec and grid to resume, or "
-                "pass --overwrite to start those runs over"
-            )
+    try:
+        started = started_with(run_dir, spec)
+    except (OSError, ValueError, GraftError):  # a damaged spec.json: the folder holds no run of this spec
+        started = False
+    if started is False and not overwrite:
+        raise GraftError(
+            f"{run_dir} holds a run of another spec ({run_dir / SPEC_NAME}); tune with the same spec and grid to "
+            "resume, or pass --overwrite to start those runs over"
+        )
+    same = bool(started)
     assert spec.train is not None
     failed_file, done = run_dir / FAILED_NAME, run_dir / RESULTS_NAME
     if same and failed_file.is_file():
@@ -293,7 +290,7 @@ def _run(
         result = RunResult.read(done)
         log(f"  {what}: done before, val error {result.val_error:.2f}%")
         return Trial(setting, seed, result)
-    started = time.perf_counter()
+    t0 = time.perf_counter()
     try:
         result = train(spec, run_dir, resume=same, overwrite=not same, progress=False, tensorboard=False,
                        splits=splits)  # fmt: skip
@@ -303,7 +300,7 @@ def _run(
         return Trial(setting, seed, RunResult(run_dir, spec.train.method), str(e))
     if result.interrupted:
         raise GraftError(f"{result.interrupted}: the tune stopped in {run_dir}; run the same command again to resume")
-    log(f"  {what}: val error {result.val_error:.2f}%, {time.perf_counter() - started:.1f} s")
+    log(f"  {what}: val error {result.val_error:.2f}%, {time.perf_counter() - t0:.1f} s")
     return Trial(setting, seed, result)
 
 

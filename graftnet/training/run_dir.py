@@ -18,11 +18,26 @@ from graftnet.errors import GraftError, TrainingError
 from graftnet.provenance import command_line, versions
 from graftnet.spec import Spec, load_spec
 
-__all__ = ["CHECKPOINT_NAME", "RESULTS_NAME", "SPEC_NAME", "STUDENT_NAME", "check_run_dir", "start_run_dir"]
+__all__ = [
+    "CHECKPOINT_NAME", "RESULTS_NAME", "SPEC_NAME", "STUDENT_NAME", "check_run_dir", "start_run_dir", "started_with",
+]  # fmt: skip
 
 STUDENT_NAME = "student.safetensors"
 RESULTS_NAME = "results.json"
 SPEC_NAME = "spec.json"
+
+
+def started_with(run_dir: Path, spec: Spec) -> bool | None:
+    """Whether the run in ``run_dir`` was started with ``spec`` (same :func:`spec_hash`); None when the folder holds
+    no run (no ``spec.json``).
+
+    Raises:
+        OSError, ValueError, GraftError: ``spec.json`` cannot be read, or is not a valid spec.
+    """
+    saved = run_dir / SPEC_NAME
+    if not saved.is_file():
+        return None
+    return spec_hash(load_spec(json.loads(saved.read_text()))) == spec_hash(spec)
 
 
 def check_run_dir(run_dir: Path, spec: Spec, resume: bool, overwrite: bool, marker: str = CHECKPOINT_NAME) -> bool:
@@ -38,18 +53,18 @@ def check_run_dir(run_dir: Path, spec: Spec, resume: bool, overwrite: bool, mark
     """
     saved = run_dir / SPEC_NAME
     if resume:
-        if not saved.is_file():
-            raise TrainingError(
-                f"--resume: {str(run_dir)!r} holds no run ({SPEC_NAME} is missing); nothing to resume (drop --resume "
-                "to start)"
-            )
         try:
-            same = spec_hash(load_spec(json.loads(saved.read_text()))) == spec_hash(spec)
+            same = started_with(run_dir, spec)
         except (OSError, ValueError, GraftError) as e:  # unreadable or damaged spec.json
             raise TrainingError(
                 f"--resume: cannot read the spec {str(run_dir)!r} was started with ({saved}): {e}; start again with "
                 "--overwrite"
             ) from e
+        if same is None:
+            raise TrainingError(
+                f"--resume: {str(run_dir)!r} holds no run ({SPEC_NAME} is missing); nothing to resume (drop --resume "
+                "to start)"
+            )
         if not same:
             raise TrainingError(
                 f"--resume: the spec differs from the one {str(run_dir)!r} was started with ({saved}); "
