@@ -70,6 +70,13 @@ def mix(coeffs: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if len(inputs) == 1:
         return inputs[0] * coeffs[0]
+    if torch.compiler.is_compiling():
+        # Compiled, the plain expression is the better one: inductor fuses the sum (and the activation after
+        # it) into one kernel and writes its backward; the hand-written function would only break the graph.
+        out = inputs[0] * coeffs[0]
+        for k in range(1, len(inputs)):
+            out = out + inputs[k] * coeffs[k]
+        return out
     return _Mix.apply(coeffs, *inputs)  # type: ignore[no-any-return]
 
 
@@ -113,7 +120,9 @@ class Mixer(nn.Module):
         self.calibration_batches = calibration_batches
         self.register_buffer("tap_scale", torch.ones(len(taps)))
         self.register_buffer("calibrated_batches", torch.zeros((), dtype=torch.long))
-        self._calibrating: bool | None = None  # mirrors the buffer without a device sync every step
+        # ``calibrated_batches`` mirrored on the host: reading the buffer every step would sync with the device
+        # (and break a compiled graph); it is re-read only when the buffers are loaded or swapped (refresh)
+        self._seen = 0
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -121,31 +130,45 @@ class Mixer(nn.Module):
         return ("student", *self.taps)
 
     def p_w(self) -> torch.Tensor:
-        """The normalised weights softmax(logits); index 0 is the student."""
-        return torch.softmax(self.logits, dim=0)
+        """The normalised weights softmax(logits), in float32; index 0 is the student."""
+        return torch.softmax(self.logits.float(), dim=0)
+
+    @property
+    def calibrating(self) -> bool:
+        """True while the tap scales are still being averaged (the first ``calibration_batches`` training passes)."""
+        return self.rescale_taps and self._seen < self.calibration_batches
 
     @torch.no_grad()
     def _calibrate(self, taps: Sequence[torch.Tensor]) -> None:
-        n = int(self.calibrated_batches)
+        """Fold this batch's mean |t| into the running mean behind ``tap_scale`` — a no-op once calibrated.
+
+        Written with tensors only (the count is the buffer, "calibrated yet" a mask), so that a compiled graph
+        needs no host read and stays one graph whether or not calibration is still going on.
+        """
         batch = torch.stack([t.detach().abs().mean().to(self.tap_scale.dtype) for t in taps])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # data-parallel: the mean over the global batch, so every process keeps the same scales
             dist.all_reduce(batch)
             batch /= dist.get_world_size()
-        for i in range(len(taps)):
-            seen = 1.0 / self.tap_scale[i] if n else torch.zeros_like(self.tap_scale[i])
-            mean_abs = (seen * n + batch[i]) / (n + 1)
-            self.tap_scale[i] = 1.0 / mean_abs.clamp_min(1e-6)
-        self.calibrated_batches += 1
-        self._calibrating = n + 1 < self.calibration_batches
+        n = self.calibrated_batches.to(self.tap_scale.dtype)
+        seen = torch.where(n > 0, 1.0 / self.tap_scale, torch.zeros_like(self.tap_scale))
+        mean_abs = (seen * n + batch) / (n + 1)
+        still = self.calibrated_batches < self.calibration_batches
+        self.tap_scale.copy_(torch.where(still, 1.0 / mean_abs.clamp_min(1e-6), self.tap_scale))
+        self.calibrated_batches.add_(still.long())
 
     def forward(self, z: torch.Tensor, *taps: torch.Tensor) -> torch.Tensor:
-        if self.rescale_taps:
-            if self._calibrating is None:
-                self._calibrating = int(self.calibrated_batches) < self.calibration_batches
-            if self._calibrating and self.training:  # evaluation never changes state
-                self._calibrate(taps)
-        p = torch.softmax(self.logits, dim=0)
+        if self.training and self.rescale_taps:  # evaluation never changes state
+            if torch.compiler.is_compiling():
+                self._calibrate(taps)  # masked: a few scalar ops per step, fused with the mixing's read of t
+                self._seen = -1  # the host mirror no longer follows the buffer: eager code re-reads it
+            else:
+                if self._seen < 0:
+                    self.refresh()
+                if self.calibrating:
+                    self._calibrate(taps)
+                    self._seen += 1
+        p = torch.softmax(self.logits.float(), dim=0)  # in float32 whatever autocast does around it
         weights, inputs = [p[0]], [z]
         for i, (adapter, t) in enumerate(zip(self.adapters, taps, strict=True)):
             weight = p[i + 1]
@@ -162,9 +185,14 @@ class Mixer(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self.refresh()
 
+    def calibrating_like(self, other: Mixer) -> None:
+        """Take ``other``'s calibration state, after its buffers were copied into this mixer's (no device read)."""
+        self._seen = other._seen
+
     def refresh(self) -> None:
-        """Re-read the calibration state from the buffers on the next forward (after they were loaded or swapped)."""
-        self._calibrating = None
+        """Re-read the calibration state from the buffers (after they were loaded or swapped)."""
+        if self.calibrated_batches.device.type != "meta":  # a module built on the meta device has no values yet
+            self._seen = int(self.calibrated_batches)
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, taps={list(self.taps)}, rescale_taps={self.rescale_taps}"

@@ -461,6 +461,19 @@ class TrainSpec(_Strict):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (default: torch's choice; small models run faster on 1)."
     )
+    compile: bool = Field(
+        False,
+        description="Compile the model's forward and backward (and the θ_old pass) with torch.compile: faster steps "
+        "after a first step that compiles (seconds to a minute); needs a C++ compiler on the CPU.",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Autocast the forward passes to bfloat16 or float16 (fp16 with a gradient scaler); the losses, "
+        "the mixers' softmax and the dependency loss stay in float32.",
+    )
+    channels_last: bool = Field(
+        False, description="Keep 4-D weights and inputs in channels-last memory layout (faster convolutions on GPUs)."
+    )
     lambda1: Lambda1Spec = Field(default_factory=Lambda1Spec)
     lambda2: float = Field(0.1, ge=0.0, description="Weight of KL(f_θ ‖ f_θold), the paper's λ2.")
     kl_lag: int = Field(1, ge=1, description="θ_old is refreshed every kl_lag optimiser steps (1: the step before).")

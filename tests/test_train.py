@@ -152,6 +152,66 @@ def test_kl_pass_replays_the_dropout_masks() -> None:
     assert not torch.equal(snapshot.outputs(g, x), out)  # without the replay: other masks
 
 
+class _BNDropoutNet(torch.nn.Module):
+    """Conv → BatchNorm → ReLU → dropout → linear: every kind of state a θ_old pass must not disturb."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, width, 3, padding=1)
+        self.bn = torch.nn.BatchNorm1d(width)
+        self.act = torch.nn.ReLU()
+        self.drop = torch.nn.Dropout(0.3)
+        self.head = torch.nn.Linear(width * 10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.act(self.bn(self.conv(x)))).flatten(1))
+
+
+def _theta_old_by_functional_call(g: Any, tensors: dict[str, torch.Tensor], x: torch.Tensor,
+                                  rng: RngState) -> torch.Tensor:  # fmt: skip
+    """The θ_old pass as graftnet computed it before the shadow model: parameters swapped in by functional_call,
+    buffers cloned. The reference the shadow must reproduce exactly."""
+    from torch.func import functional_call
+
+    state = {n: b.clone() for n, b in g.named_buffers() if not n.startswith("teachers.")}
+    state.update(tensors)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        rng.restore(x.device)
+        out = functional_call(g, state, (x,), strict=False)
+    for mixer in g.mixers.values():
+        mixer.refresh()
+    return out  # type: ignore[no-any-return]
+
+
+def test_the_shadow_theta_old_pass_equals_the_functional_call_one() -> None:
+    torch.manual_seed(0)
+    student, teacher = _BNDropoutNet(), _BNDropoutNet(8)
+    spec = {"input_shape": [1, 10], "sites": [{"student": "act", "taps": ["t:act"]}],
+            "train": {"lambda2": 1.0, "lr": 0.05}}  # fmt: skip
+    g = graftnet.graft(student, {"t": teacher}, spec).train()
+    method = KnowledgeFlow(g, spec["train"], total_steps=20)
+    assert method.snapshot is not None
+    opt = torch.optim.SGD(method.param_groups(), lr=0.05)
+    for step in range(8):  # the first four steps calibrate the tap scale: the pass must calibrate like before
+        x, y = torch.randn(16, 1, 10), torch.randint(0, 3, (16,))
+        old = {n: t.clone() for n, t in method.snapshot.tensors.items()}
+        with g.reusing_teacher_features():
+            logits = method.forward(x)
+            rng = method._rng
+            assert rng is not None
+            reference = _theta_old_by_functional_call(g, old, x, rng)
+            buffers = {n: b.clone() for n, b in g.named_buffers()}
+            shadow = method.snapshot.outputs(g, x, rng)
+        assert torch.equal(shadow, reference), step
+        for n, b in g.named_buffers():
+            assert torch.equal(b, buffers[n]), (step, n)  # the model's BatchNorm statistics and scales untouched
+        loss = torch.nn.functional.cross_entropy(logits, y) + kl_to_old(logits, shadow)
+        opt.zero_grad()
+        loss.backward()
+        method.step(opt)
+    assert not torch.equal(method.snapshot.tensors["student.conv.weight"], g.student.conv.weight)
+
+
 def test_learning_rates_are_separate(tmp_path: Path) -> None:
     spec = graftnet.load_spec(_spec(tmp_path, lr=1e-3, lr_mixing=5e-2, lr_adapters=2e-3, weight_decay=1e-4))
     spec = spec.model_copy(update={"input_shape": [1, 40]})

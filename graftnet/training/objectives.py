@@ -14,8 +14,11 @@ PyTorch loop or a Lightning module:
         for x, y in loader:
             loss = kf.loss(x, y)
             opt.zero_grad()
-            loss.total.backward()
+            kf.backward(loss.total)   # loss.total.backward(), scaled when train.precision is fp16
             kf.step(opt)
+
+The fast paths are settings like any other: ``KnowledgeFlow(g, compile=True, precision="bf16")`` compiles the
+model (and the θ_old pass) with torch.compile and autocasts every forward pass the objective makes.
 
 Objectives are registered by name in :data:`METHODS` (``train.method`` in a spec); :meth:`Objective.from_spec`
 builds one, with its model, from a spec.
@@ -23,6 +26,7 @@ builds one, with its model, from a spec.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -64,6 +68,20 @@ __all__ = [
 ]
 
 Head = Callable[[Any], torch.Tensor]
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_SCALER_KEY = "grad_scaler."
+
+
+def _in_fp32(out: Any) -> Any:
+    """``out`` with every bfloat16/float16 tensor in it cast to float32 (the losses are computed in float32)."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_in_fp32(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _in_fp32(v) for k, v in out.items()}
+    return out
 
 
 @dataclass
@@ -121,7 +139,12 @@ class Objective:
         self.cut = False  # True once the teachers are removed
         self.dependence_at_cut: dict[str, float] = {}  # p_w(student) per site when they were
         self.runner: nn.Module | None = None  # runs the model when set (the model in DistributedDataParallel)
+        self.scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler, made on the first backward
+        self._scaler_state: dict[str, Any] | None = None  # a resumed scaler state, for when it is made
+        self._compiled: tuple[nn.Module, Callable[..., Any]] | None = None
         self._example: torch.Tensor | None = None
+        if self.settings.channels_last:
+            model.to(memory_format=torch.channels_last)
 
     @property
     def grafted(self) -> GraftedModel:
@@ -153,11 +176,34 @@ class Objective:
         """How far training is, in [0, 1]: ``steps / total_steps`` (0 when ``total_steps`` is unknown)."""
         return min(self.steps / self.total_steps, 1.0) if self.total_steps else 0.0
 
+    def autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context of ``train.precision`` on ``x``'s device (a context that does nothing for fp32)."""
+        dtype = _AUTOCAST.get(self.settings.precision)
+        return torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory layout the model runs in (channels-last for a 4-D batch with ``channels_last``)."""
+        if self.settings.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def run(self, module: nn.Module, x: torch.Tensor) -> Any:
+        """``module(x)`` with the precision settings, compiled with torch.compile when ``compile`` is set.
+
+        The compiled module is kept until another module is run (after the teachers are cut, say); outputs in
+        a low precision come back in float32.
+        """
+        if self.settings.compile:
+            if self._compiled is None or self._compiled[0] is not module:
+                self._compiled = (module, torch.compile(module))
+            module = self._compiled[1]  # type: ignore[assignment]
+        with self.autocast(x):
+            return _in_fp32(module(self.prepare(x)))
+
     def forward(self, x: torch.Tensor) -> Any:
         """Run the model on ``x`` (through :attr:`runner` when set) and remember what :meth:`regularizer` needs."""
         self._example = x[:2].detach()
-        model = self.runner if self.runner is not None else self.model
-        return model(x)
+        return self.run(self.runner if self.runner is not None else self.model, x)
 
     def regularizer(
         self, x: torch.Tensor, logits: torch.Tensor, progress: float | None = None, head: Head = logits_of
@@ -192,14 +238,35 @@ class Objective:
         """Called after every optimizer step, with the clock already ticked (knowledge flow raises the floor of
         p_w(student) here). ``progress`` ∈ [0, 1] defaults to :meth:`progress`."""
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``; with ``precision: fp16`` the loss is scaled first (a GradScaler) so that small
+        gradients survive float16, and :meth:`step` unscales them. Call it instead of ``loss.backward()``."""
+        if self.settings.precision == "fp16":
+            if self.scaler is None:
+                self.scaler = torch.amp.GradScaler(loss.device.type)
+                if self._scaler_state is not None:
+                    self.scaler.load_state_dict(self._scaler_state)
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide fp16-scaled gradients back to their true size, before clipping them (nothing to do otherwise)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
     def step(self, optimizer: torch.optim.Optimizer, progress: float | None = None) -> None:
         """:meth:`before_step`, ``optimizer.step()``, one tick of the clock, and :meth:`after_step`.
 
         ``progress`` is where training stands after this step, for trainers whose clock is not ``steps``
-        (A3C's workers count frames); it defaults to :meth:`progress`.
+        (A3C's workers count frames); it defaults to :meth:`progress`. With fp16 the gradient scaler steps
+        (skipping the update if a gradient overflowed) and adapts its scale.
         """
         self.before_step()
-        optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
         self.steps += 1
         self.after_step(progress)
 
@@ -219,11 +286,19 @@ class Objective:
     # ---- resumable state -----------------------------------------------------------------------------------
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        """Tensors a checkpoint must keep for an exact resume."""
-        return {}
+        """Tensors a checkpoint must keep for an exact resume (subclasses add theirs to these)."""
+        if self.scaler is None:
+            return {}
+        state = self.scaler.state_dict()
+        return {f"{_SCALER_KEY}{k}": torch.tensor(float(v), dtype=torch.float64) for k, v in state.items()}
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
+        scaler = {k[len(_SCALER_KEY) :]: float(v) for k, v in tensors.items() if k.startswith(_SCALER_KEY)}
+        if scaler:
+            ints = ("growth_interval", "_growth_tracker")
+            self._scaler_state = {k: int(v) if k in ints else v for k, v in scaler.items()}
+            if self.scaler is not None:
+                self.scaler.load_state_dict(self._scaler_state)
 
 
 METHODS: Registry[type[Objective]] = Registry("training method", TrainingError)
@@ -357,8 +432,8 @@ class _TeacherOutputs(Objective):
         self.teacher = teacher.eval().requires_grad_(False)
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return logits_of(self.teacher(x))
+        with torch.no_grad(), self.autocast(x):
+            return _in_fp32(logits_of(self.teacher(self.prepare(x))))  # type: ignore[no-any-return]
 
     def to(self, *args: Any, **kwargs: Any) -> Objective:
         self.teacher.to(*args, **kwargs)
@@ -440,7 +515,7 @@ class KnowledgeFlow(Objective):
             )
         super().__init__(model, settings, total_steps=total_steps, **overrides)
         self.model: GraftedModel = model
-        self.snapshot = ParameterSnapshot(model) if self.settings.lambda2 > 0 else None
+        self.snapshot = ParameterSnapshot(model, compile=self.settings.compile) if self.settings.lambda2 > 0 else None
         self._rng: RngState | None = None
 
     @classmethod
@@ -480,7 +555,9 @@ class KnowledgeFlow(Objective):
             parts["dep_loss"] = dep
             terms.append(self.lambda1(progress) * dep)
         if self.snapshot is not None:
-            kl = kl_to_old(logits, head(self.snapshot.outputs(self.model, x, self._rng)))
+            with self.autocast(x):
+                old = _in_fp32(self.snapshot.outputs(self.model, self.prepare(x), self._rng))
+            kl = kl_to_old(logits, head(old))
             parts["kl_loss"] = kl
             terms.append(self.settings.lambda2 * kl)
         return terms, parts
@@ -542,11 +619,13 @@ class KnowledgeFlow(Objective):
         return plain
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        state = {f"theta_old.{k}": v for k, v in (self.snapshot.state() if self.snapshot is not None else {}).items()}
+        state = super().extra_state()
+        state.update({f"theta_old.{k}": v for k, v in (self.snapshot.state() if self.snapshot else {}).items()})
         state.update({f"p_w_at_cut.{site}": torch.tensor(p) for site, p in self.dependence_at_cut.items()})
         return state
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_extra_state(tensors)
         if self.snapshot is not None:
             self.snapshot.load({k[len("theta_old.") :]: v for k, v in tensors.items() if k.startswith("theta_old.")})
         cut = {k[len("p_w_at_cut.") :]: float(v) for k, v in tensors.items() if k.startswith("p_w_at_cut.")}

@@ -25,7 +25,7 @@ from graftnet.data import batches
 from graftnet.distributed import World, resolve_device, setup, wrap
 from graftnet.errors import SpecError, TrainingError
 from graftnet.models import build_model
-from graftnet.spec import Spec, load_spec, read_spec_file
+from graftnet.spec import Spec, load_spec, override_spec, read_spec_file
 from graftnet.training.evaluation import eval_batches, evaluate, logits_of, pair
 from graftnet.training.finish import export_student
 from graftnet.training.guards import check_finite_state
@@ -125,6 +125,8 @@ def fit(
     progress: bool = True,
     tensorboard: bool = True,
     on_step: Callable[[int], None] | None = None,
+    compile: bool | None = None,  # noqa: A002 - the name of the setting it overrides
+    precision: str | None = None,
 ) -> RunResult:
     """Train ``student`` with the method of ``spec.train`` on your data, then export it and score it alone.
 
@@ -146,6 +148,8 @@ def fit(
         overwrite: start over in a run folder that is not empty.
         progress: show a progress bar. tensorboard: write TensorBoard logs under ``run_dir/tb``.
         on_step: called with the global step after every optimizer step.
+        compile, precision: override ``train.compile`` (torch.compile the model and the θ_old pass) and
+            ``train.precision`` (``fp32``, ``bf16`` or ``fp16`` autocast).
 
     Returns:
         A :class:`RunResult` with the exported student's validation and test error (%). ``interrupted`` names
@@ -161,6 +165,9 @@ def fit(
         >>> result.test_error                                                                       # doctest: +SKIP
     """
     spec = _spec_for(spec, teachers)
+    fast = {k: v for k, v in {"compile": compile, "precision": precision}.items() if v is not None}
+    if fast:
+        spec = override_spec(spec, {f"train.{k}": v for k, v in fast.items()})
     assert spec.train is not None
     if spec.train.method == "ban":
         raise TrainingError(
@@ -306,7 +313,7 @@ def _fit(
                             "data for NaN/inf."
                         )
                     optimizer.zero_grad(set_to_none=True)
-                    result.total.backward()
+                    objective.backward(result.total)
                     objective.step(optimizer)
                     batch_in_epoch += 1
                     n = len(y)

@@ -1,0 +1,175 @@
+"""Fast paths: torch.compile without graph breaks, mixed precision, channels-last (issue 15)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+
+import graftnet
+from graftnet.demo import STUDENT, WIDE
+from graftnet.models import build_model
+from graftnet.training.objectives import KnowledgeFlow
+
+
+def _demo_graft() -> tuple[graftnet.GraftedModel, torch.Tensor]:
+    """The demo's knowledge-flow model: the 3-layer 1-D convnet with a related teacher and the wide one."""
+    torch.manual_seed(0)
+    student, related, wide = (build_model(m["model"], m["kwargs"]) for m in (STUDENT, STUDENT, WIDE))
+    sites = [{"student": f"features.act{i}", "taps": [f"related:features.act{i}", f"wide:features.act{i}"]}
+             for i in (1, 2, 3)]  # fmt: skip
+    x = torch.randn(8, 1, 40)
+    return graftnet.graft(student, {"related": related, "wide": wide}, {"sites": sites}, example_input=x[:2]), x
+
+
+def _resnet_graft() -> tuple[graftnet.GraftedModel, torch.Tensor]:
+    import timm
+
+    torch.manual_seed(0)
+    student, teacher = timm.create_model("resnet18", num_classes=10), timm.create_model("resnet18", num_classes=100)
+    spec = {"sites": [{"student": "layer1", "taps": ["t:layer2"]}, {"student": "layer2", "taps": ["t:layer2"]}]}
+    x = torch.randn(4, 3, 32, 32)
+    return graftnet.graft(student, {"t": teacher}, spec, example_input=x[:2]), x
+
+
+def _a3c_graft() -> tuple[graftnet.GraftedModel, torch.Tensor]:
+    torch.manual_seed(0)
+    student, t1, t2 = (build_model("graftnet:a3c", {"num_actions": n}) for n in (6, 18, 4))
+    sites = [{"student": s, "taps": [f"a:{s}", f"b:{s}"]} for s in ("features.1", "features.3", "act")]
+    x = torch.randn(4, 4, 84, 84)
+    return graftnet.graft(student, {"a": t1, "b": t2}, {"sites": sites}, example_input=x[:2]), x
+
+
+def _breaks(fn: Any, x: torch.Tensor) -> list[str]:
+    """Every graph break torch.compile would make in ``fn(x)``, with where it happened."""
+    dynamo.reset()
+    explained = dynamo.explain(fn)(x)
+    return [f"{r.reason} at {r.user_stack[-1].filename}:{r.user_stack[-1].lineno}" for r in explained.break_reasons]
+
+
+@pytest.mark.parametrize("build", [_demo_graft, _resnet_graft, _a3c_graft], ids=["demo", "timm-resnet18", "a3c"])
+def test_the_grafted_model_compiles_to_one_graph_in_every_pass(build: Any) -> None:
+    g, x = build()
+    kf = KnowledgeFlow(g, {"lambda2": 0.1}, total_steps=10)
+    assert kf.snapshot is not None
+    g.train()
+    passes = {"train, tap scales calibrating": lambda x: g(x)}
+    for name, run in passes.items():
+        assert _breaks(run, x) == [], name
+    for _ in range(4):
+        g(x)  # calibration ends: the branch that updates the scales is gone from the graph
+    with g.reusing_teacher_features():
+        g(x)
+        assert _breaks(kf.snapshot.shadow, x) == [], "θ_old pass"
+    assert _breaks(g, x) == [], "train"
+    g.eval()
+    with torch.no_grad():
+        assert _breaks(g, x) == [], "eval"
+
+
+def _kf_steps(settings: dict[str, Any], steps: int = 3) -> tuple[list[dict[str, float]], KnowledgeFlow]:
+    """A few knowledge-flow steps of a small MLP graft (dropout off: the runs must be comparable)."""
+    torch.manual_seed(0)
+    small = {"in_features": 12, "hidden": [16, 16], "num_classes": 3}
+    student, teacher = build_model("graftnet:mlp", small), build_model("graftnet:mlp", small)
+    spec = {"input_shape": [12], "sites": [{"student": "body.2", "taps": ["t:body.2"]}]}
+    g = graftnet.graft(student, {"t": teacher}, spec).train()
+    kf = KnowledgeFlow(g, {"lambda2": 0.5, **settings}, total_steps=10)
+    opt = torch.optim.Adam(kf.param_groups())
+    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    parts = []
+    for _ in range(steps):
+        loss = kf.loss(x, y, 0.5)
+        opt.zero_grad()
+        kf.backward(loss.total)
+        kf.step(opt)
+        parts.append({k: float(v.detach()) for k, v in {"total": loss.total, **loss.parts}.items()})
+    return parts, kf
+
+
+def test_compiled_knowledge_flow_trains_like_eager() -> None:
+    eager, _ = _kf_steps({})
+    compiled, kf = _kf_steps({"compile": True})
+    assert kf._compiled is not None and kf._compiled[0] is kf.model  # the model really ran compiled
+    for e, c in zip(eager, compiled, strict=True):
+        assert c == pytest.approx(e, rel=1e-4, abs=1e-5)
+
+
+def test_bf16_autocast_stays_close_to_fp32_and_keeps_w_in_fp32() -> None:
+    fp32, _ = _kf_steps({})
+    bf16, kf = _kf_steps({"precision": "bf16"})
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b == pytest.approx(a, rel=3e-2, abs=3e-3)  # bfloat16 keeps 8 bits of mantissa
+    mixer = next(iter(kf.model.mixers.values()))
+    assert mixer.logits.dtype == torch.float32 and mixer.logits.grad is not None
+    assert mixer.logits.grad.dtype == torch.float32
+    assert kf.model.dependency_loss().dtype == torch.float32
+    x = torch.randn(4, 12)
+    with kf.autocast(x):
+        assert kf.model(x).dtype == torch.bfloat16  # the forward really ran in bfloat16...
+        assert mixer.p_w().dtype == torch.float32  # ...but the mixing weights did not
+    assert kf.forward(x).dtype == torch.float32  # and what the losses see is float32
+
+
+def test_fp16_scales_the_loss_and_resumes_the_scale() -> None:
+    parts, kf = _kf_steps({"precision": "fp16"})
+    assert all(all(v == v for v in p.values()) for p in parts)  # finite losses
+    assert kf.scaler is not None and kf.scaler.get_scale() > 1  # the loss was scaled up before backward
+    state = kf.extra_state()
+    assert {"grad_scaler.scale", "grad_scaler._growth_tracker"} <= set(state)
+    _, fresh = _kf_steps({"precision": "fp16"}, steps=0)
+    fresh.load_extra_state(state)
+    fresh.backward(fresh.loss(torch.randn(4, 12), torch.randint(0, 3, (4,))).total)
+    assert fresh.scaler is not None and fresh.scaler.get_scale() == kf.scaler.get_scale()
+
+
+def test_channels_last_puts_weights_and_inputs_in_that_layout_and_computes_the_same() -> None:
+    g, x = _a3c_graft()
+    reference = KnowledgeFlow(g, {"lambda2": 0.1}, total_steps=10)
+    g.eval()
+    with torch.no_grad():
+        expected = reference.forward(x)[0]
+    kf = KnowledgeFlow(g, {"lambda2": 0.1, "channels_last": True}, total_steps=10)
+    conv = g.student.features[0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert kf.prepare(x).is_contiguous(memory_format=torch.channels_last)
+    assert kf.snapshot is not None
+    assert kf.snapshot.tensors["student.features.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(kf.forward(x)[0], expected, atol=1e-5)
+
+
+def test_fit_takes_compile_and_precision(tmp_path: Any) -> None:
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    small = {"in_features": 12, "hidden": [16], "num_classes": 3}
+    data = TensorDataset(torch.randn(64, 12), torch.randint(0, 3, (64,)))
+    spec = {"sites": [{"student": "body.2", "taps": ["t:body.2"]}], "train": {"epochs": 1, "threads": 1}}
+    result = graftnet.fit(build_model("graftnet:mlp", small), {"t": build_model("graftnet:mlp", small)}, spec,
+                          train=data, val=data, run_dir=tmp_path / "run", precision="bf16", progress=False,
+                          tensorboard=False)  # fmt: skip
+    assert result.val_error is not None
+    with pytest.raises(graftnet.SpecError, match="precision"):
+        graftnet.fit(build_model("graftnet:mlp", small), {"t": build_model("graftnet:mlp", small)}, spec,
+                     train=data, val=data, run_dir=tmp_path / "bad", precision="fp8")  # fmt: skip
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_tap_scales_average_the_first_batches_eager_or_compiled(compiled: bool) -> None:
+    from graftnet.mixer import Mixer
+
+    torch.manual_seed(0)
+    mixer = Mixer("act", ["t:a", "t:b"], [torch.nn.Identity(), torch.nn.Identity()], calibration_batches=4).train()
+    run = torch.compile(mixer, backend="eager", fullgraph=True) if compiled else mixer
+    batches = [(torch.randn(8, 5), torch.randn(8, 5) * (k + 1), torch.randn(8, 5) * 10) for k in range(6)]
+    for z, a, b in batches:
+        run(z, a, b)
+    means = torch.tensor([[a.abs().mean(), b.abs().mean()] for _, a, b in batches[:4]]).mean(0)
+    assert torch.allclose(mixer.tap_scale, 1.0 / means, rtol=1e-5)  # batches 5 and 6 changed nothing
+    assert int(mixer.calibrated_batches) == 4
+    if compiled:  # eager calls after compiled ones read the count from the buffer instead of a stale mirror
+        mixer(*batches[0])
+        assert mixer._seen == 4 and torch.allclose(mixer.tap_scale, 1.0 / means, rtol=1e-5)
