@@ -61,11 +61,13 @@ def _nodes(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from graftnet.graft import graft
-    from graftnet.report import describe
     from graftnet.spec import load_spec
 
-    spec = load_spec(_with_overrides(args.spec, args.set))
+    spec = load_spec(_with_overrides(args.spec, args.set))  # a bad spec is reported before torch is imported
+
+    from graftnet.graft import graft
+    from graftnet.report import describe
+
     g = graft(None, None, spec)
     overrides = "".join(f" --set {item}" for item in args.set)
     print(f"spec {args.spec}{' with' + overrides if overrides else ''}: OK")

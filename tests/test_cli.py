@@ -84,3 +84,19 @@ def test_export_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "run"), "--out", str(out), "--overwrite", "--tol", "0.1"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["schema"], ["check"], ["check", "/nonexistent/spec.yaml"], ["check", "{bad_spec}"]],
+    ids=["help", "schema", "check-no-argument", "check-missing-file", "check-invalid-spec"],
+)
+def test_commands_that_need_no_model_start_without_importing_torch(argv: list[str], tmp_path: Path) -> None:
+    # torch and timm take seconds to import; these answers must come at once (issue 15: start-up <= 1.5 s)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lr: -1}\n")
+    argv = [str(bad) if a == "{bad_spec}" else a for a in argv]
+    probe = ("import sys\nfrom graftnet.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print('IMPORTED', sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120).stdout
+    assert "IMPORTED []" in out, out[-500:]
