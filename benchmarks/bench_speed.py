@@ -20,12 +20,19 @@ run, interleaved in a shuffled order, the median of ``--rounds`` rounds of:
 and prints the ratios the issue asks for, plus peak memory of one training step (CPU: the allocator's
 running total from the profiler's memory events; CUDA: ``max_memory_allocated``).
 
+``--precision bf16|fp16`` runs every step under autocast (graftnet through ``train.precision``, the others in
+``torch.autocast``). ``--compile`` adds, in the same rounds, the student, graftnet (``train.compile``) and
+hand-written steps compiled with torch.compile, and reports compiled ÷ eager, compiled graftnet ÷ compiled
+hand-written, and the time the first (compiling) call of each took.
+
 Run:  python benchmarks/bench_speed.py [--case resnet a3c mlp] [--device cpu|cuda] [--rounds 20] [--threads 2]
+                                       [--precision fp32|bf16|fp16] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import random
@@ -314,9 +321,11 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def run_case(key: str, case: Case, device: torch.device, rounds: int, warmup: int) -> dict[str, Ratio]:
+def run_case(key: str, case: Case, device: torch.device, rounds: int, warmup: int, precision: str = "fp32",
+             compile: bool = False) -> dict[str, Ratio]:  # noqa: A002  # fmt: skip
     torch.manual_seed(0)
-    spec = graftnet.load_spec({**case.spec, "train": {"method": "knowledge_flow", "lambda2": 0.1, "kl_lag": 1}})
+    train = {"method": "knowledge_flow", "lambda2": 0.1, "kl_lag": 1, "precision": precision}
+    spec = graftnet.load_spec({**case.spec, "train": train})
     no_kl = spec.model_copy(update={"train": spec.train.model_copy(update={"lambda2": 0.0})})  # type: ignore[union-attr]
     x = torch.randn(case.batch, *case.input_shape)
     y = torch.randint(0, case.classes, (case.batch,))
@@ -338,6 +347,16 @@ def run_case(key: str, case: Case, device: torch.device, rounds: int, warmup: in
         model.to(device)
     kf.snapshot = ParameterSnapshot(g)  # θ_old, as KnowledgeFlow makes it, on the device
     x, y = x.to(device), y.to(device)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast() -> Any:
+        """What ``train.precision`` does inside graftnet's objective, for the steps written without it."""
+        return torch.autocast(device.type, dtype=low) if low is not None else contextlib.nullcontext()
+
+    def task_loss(model: nn.Module) -> torch.Tensor:
+        with autocast():
+            out = logits_of(model(x))
+        return F.cross_entropy(out.float(), y)
     lam = kf.lambda1(0.5)
     opt_g, opt_hand, opt_plain = (torch.optim.Adam(_trainable(m), lr=1e-4) for m in (g, hand, plain))
     hooked = {name: t for name, t in hand.teachers.items()}
@@ -352,21 +371,22 @@ def run_case(key: str, case: Case, device: torch.device, rounds: int, warmup: in
         if opt_adapters is not None:
             _step(g, lambda: sum(a(t).sum() for a, t in adapter_inputs), opt_adapters)  # type: ignore[arg-type, misc]
 
-    def student_step() -> None:
-        _step(plain, lambda: F.cross_entropy(logits_of(plain(x)), y), opt_plain)
+    def student_step(model: nn.Module = plain) -> None:
+        _step(plain, lambda: task_loss(model), opt_plain)
 
-    def graftnet_step() -> None:
-        _step(g, lambda: kf_no_kl.loss(x, y, 0.5).total, opt_g)
+    def graftnet_step(objective: KnowledgeFlow = kf_no_kl) -> None:
+        _step(g, lambda: objective.loss(x, y, 0.5).total, opt_g)
 
-    def graftnet_kl_step() -> None:
-        _step(g, lambda: kf.loss(x, y, 0.5).total, opt_g, kf.before_step)
+    def graftnet_kl_step(objective: KnowledgeFlow = kf) -> None:
+        _step(g, lambda: objective.loss(x, y, 0.5).total, opt_g, objective.before_step)
 
-    def hand_step() -> None:
-        _step(hand, lambda: F.cross_entropy(logits_of(hand(x)), y) + lam * hand.dependency_loss(), opt_hand)
+    def hand_step(model: nn.Module = hand) -> None:
+        _step(hand, lambda: task_loss(model) + lam * hand.dependency_loss(), opt_hand)
 
     @torch.no_grad()
     def student_forward() -> None:
-        plain(x)
+        with autocast():
+            plain(x)
 
     @torch.no_grad()
     def forward_of(model: nn.Module) -> None:
@@ -383,6 +403,23 @@ def run_case(key: str, case: Case, device: torch.device, rounds: int, warmup: in
         "original forward (eval)": partial(forward_of, original),
         "exported forward (eval)": partial(forward_of, exported),
     }
+    compile_seconds: dict[str, float] = {}
+    if compile:
+        kf_c, kf_no_kl_c = (KnowledgeFlow(g, s.train, total_steps=1000, compile=True) for s in (spec, no_kl))
+        kf_c.snapshot = ParameterSnapshot(g, compile=True)
+        compiled: dict[str, Callable[[], object]] = {
+            "student step (compiled)": partial(student_step, torch.compile(plain)),  # type: ignore[arg-type]
+            "graftnet step (compiled)": partial(graftnet_step, kf_no_kl_c),
+            "hand-written step (compiled)": partial(hand_step, torch.compile(hand)),  # type: ignore[arg-type]
+            "graftnet + KL step (compiled)": partial(graftnet_kl_step, kf_c),
+        }
+        for name, first in compiled.items():  # the first call compiles: time it alone
+            _sync(device)
+            start = time.perf_counter()
+            first()
+            _sync(device)
+            compile_seconds[name] = time.perf_counter() - start
+        timed.update(compiled)
     for _ in range(warmup):
         for fn in timed.values():
             fn()
@@ -420,6 +457,15 @@ def run_case(key: str, case: Case, device: torch.device, rounds: int, warmup: in
         ),
         "exported / original": paired(lambda t: t("exported forward (eval)") / t("original forward (eval)")),
     }
+    if compile:
+        ratios.update({
+            "student compiled / eager": paired(lambda t: t("student step (compiled)") / t("student step")),
+            "graftnet compiled / eager": paired(lambda t: t("graftnet step (compiled)") / t("graftnet step")),
+            "compiled graftnet / compiled hand-written": paired(
+                lambda t: t("graftnet step (compiled)") / t("hand-written step (compiled)")),
+            "KL extra / student forward, compiled": paired(
+                lambda t: (t("graftnet + KL step (compiled)") - t("graftnet step (compiled)")) / t("student forward")),
+        })  # fmt: skip
 
     with torch.no_grad():
         tap_bytes = sum(t.numel() * t.element_size() for teacher in g.teachers.values() for t in teacher(x))
@@ -429,7 +475,7 @@ def run_case(key: str, case: Case, device: torch.device, rounds: int, warmup: in
         "hand-written step": _peak_bytes(hand_step, device),
     }
 
-    print(f"\n== {key}: {case.name}, batch {case.batch}")
+    print(f"\n== {key}: {case.name}, batch {case.batch}, {precision}" + (", with compiled steps" if compile else ""))
     for name, t in med.items():
         print(f"  {name:<28} {t * 1e3:9.2f} ms")
     lines = [
@@ -439,8 +485,17 @@ def run_case(key: str, case: Case, device: torch.device, rounds: int, warmup: in
         ("KL term's extra time / one student forward", "KL extra / student forward", "target <= 1.00"),
         ("exported forward / original forward", "exported / original", "target 1.00 within noise"),
     ]
+    if compile:
+        lines += [
+            ("compiled student step / eager student step", "student compiled / eager", ""),
+            ("compiled graftnet step / eager graftnet step", "graftnet compiled / eager", ""),
+            ("compiled graftnet step / compiled hand-written step", "compiled graftnet / compiled hand-written", ""),
+            ("KL term's extra time, compiled / one student forward", "KL extra / student forward, compiled", ""),
+        ]
     for text, key_, target in lines:
         print(f"  {text:<58} = {ratios[key_]}" + (f"  ({target})" if target else ""))
+    for name, seconds in compile_seconds.items():
+        print(f"  first call of {name:<40} {seconds:7.1f} s (compiling)")
     mib = 2.0**20
     expected = memory["student step"] + tap_bytes
     print(f"  peak memory of a step: student {memory['student step'] / mib:.1f} MiB, teachers' taps kept "
@@ -488,14 +543,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--compile", action="store_true", help="also time the steps compiled with torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"graftnet {graftnet.__version__}, torch {torch.__version__}, {where}; "
+    print(f"graftnet {graftnet.__version__}, torch {torch.__version__}, {where}, {args.precision}; "
           f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds")
     for key in args.case:
-        run_case(key, CASES[key], device, args.rounds, args.warmup)
+        run_case(key, CASES[key], device, args.rounds, args.warmup, args.precision, args.compile)
 
 
 if __name__ == "__main__":

@@ -28,3 +28,18 @@ def test_benchmark_case_runs_and_reports_every_ratio(case: str, capsys: pytest.C
     assert math.isfinite(extra.median)
     assert all(r.median > 0 for r in ratios.values()), ratios
     assert "peak memory of a step" in capsys.readouterr().out
+
+
+def test_benchmark_reports_mixed_precision(capsys: pytest.CaptureFixture[str]) -> None:
+    ratios = bench_speed.run_case("mlp", bench_speed.CASES["mlp"], torch.device("cpu"), rounds=2, warmup=1,
+                                  precision="bf16")  # fmt: skip
+    assert ratios["vs hand-written"].median > 0
+    assert "batch 128, bf16" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_benchmark_reports_compiled_ratios_and_compile_times(capsys: pytest.CaptureFixture[str]) -> None:
+    ratios = bench_speed.run_case("mlp", bench_speed.CASES["mlp"], torch.device("cpu"), rounds=2, warmup=1,
+                                  compile=True)  # fmt: skip
+    assert {"graftnet compiled / eager", "compiled graftnet / compiled hand-written"} <= set(ratios)
+    assert "first call of graftnet step (compiled)" in capsys.readouterr().out
