@@ -43,6 +43,7 @@ class FrozenTeacher(nn.Module):
         self.needs_input_grad = needs_input_grad
         self.reuse = False  # set by GraftedModel.reusing_teacher_features()
         self._cached: tuple[torch.Tensor, ...] | None = None
+        self._records: list[tuple[torch.Tensor, ...]] | None = None  # set by recording()
         self.train(False)
         # What truncation kept, for reports: top-level children that run, and parameter counts.
         used = {str(n.target) for n in body.graph.nodes if n.op in ("call_module", "get_attr")}
@@ -55,15 +56,46 @@ class FrozenTeacher(nn.Module):
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)  # a teacher is frozen: BatchNorm statistics and dropout stay in eval mode
 
+    @contextmanager
+    def recording(self) -> Iterator[list[tuple[torch.Tensor, ...]]]:
+        """Within this block the taps of every call are appended, in call order, to the list it yields.
+
+        Only for a teacher whose taps depend on no trainable parameter (``needs_input_grad`` is False: no
+        input adapter, or fixed ones): its recorded taps stay valid for later passes on the same inputs, and
+        can be given to :meth:`GraftedModel.reusing_teacher_features` (the RL collector records a rollout's
+        taps so that the update's passes on the rollout do not run the teachers again).
+        """
+        if self.needs_input_grad:
+            raise GraftError(
+                "a teacher behind a learned input adapter cannot record its taps: they depend on the adapter's "
+                "trainable parameters, so a later pass must recompute them"
+            )
+        if self._records is not None:
+            raise GraftError("this teacher is already recording its taps")
+        records: list[tuple[torch.Tensor, ...]] = []
+        self._records = records
+        try:
+            yield records
+        finally:
+            self._records = None
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.needs_input_grad:
             return self.body(x)  # type: ignore[no-any-return]
         if self.reuse and self._cached is not None:
-            return self._cached
-        with torch.no_grad():
-            taps: tuple[torch.Tensor, ...] = self.body(x)
-        if self.reuse:
-            self._cached = taps
+            taps = self._cached
+            if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] != taps[0].shape[0]:
+                raise GraftError(
+                    f"the teacher's reused taps are of a batch of {taps[0].shape[0]}, but this call's input is a "
+                    f"batch of {x.shape[0]}: within reusing_teacher_features() every call must see the same batch"
+                )
+        else:
+            with torch.no_grad():
+                taps = self.body(x)
+            if self.reuse:
+                self._cached = taps
+        if self._records is not None:
+            self._records.append(taps)
         return taps
 
 
@@ -130,20 +162,50 @@ class GraftedModel(nn.Module):
         return fn(self, *args, **kwargs)
 
     @contextmanager
-    def reusing_teacher_features(self) -> Iterator[None]:
+    def reusing_teacher_features(self, taps: Mapping[str, tuple[torch.Tensor, ...]] | None = None) -> Iterator[None]:
         """Within this block every call sees the same input batch: teachers run once and later calls reuse
         their taps (a second forward with other parameters, such as θ_old for the KL term, costs no teacher work).
 
         Teachers behind a learned input adapter are recomputed: their taps depend on trainable parameters.
+
+        ``taps`` maps teacher names to their taps of this block's batch, computed before (with
+        :meth:`FrozenTeacher.recording`; recorded on parts of the batch, concatenated along dim 0 in batch
+        order): those teachers, and their fixed input adapters, do not run at all in the block. Only teachers
+        without a learned input adapter can be given; the taps are assumed to be per-sample functions of the
+        input, as a frozen teacher in eval mode behind fixed input adapters computes them.
         """
-        teachers = [t for t in self.teachers.values() if isinstance(t, FrozenTeacher)]
-        for t in teachers:
-            t.reuse, t._cached = True, None
+        teachers = {name: t for name, t in self.teachers.items() if isinstance(t, FrozenTeacher)}
+        given = {name: tuple(value) for name, value in (taps or {}).items()}
+        for name, value in given.items():
+            t = teachers.get(name)
+            if t is None:
+                raise GraftError(
+                    f"reusing_teacher_features: taps were given for {name!r}, which is not a teacher this model "
+                    f"runs (it runs: {', '.join(teachers) or 'none'})"
+                )
+            if t.needs_input_grad:
+                raise GraftError(
+                    f"reusing_teacher_features: teacher {name!r} has a learned input adapter, so its taps depend on "
+                    "trainable parameters and must be recomputed; give taps only for the other teachers"
+                )
+            if len(value) != len(t.taps) or not value or any(v.shape[:1] != value[0].shape[:1] for v in value):
+                raise GraftError(
+                    f"reusing_teacher_features: teacher {name!r} has {len(t.taps)} taps ({', '.join(t.taps)}); "
+                    f"got {len(value)} tensors, which must share their batch size"
+                )
+        # The input adapters of teachers whose taps are given would compute what nobody reads: skip them.
+        adapters = self.input_adapters._modules
+        skipped = {name: adapters[name] for name in given if adapters.get(name) is not None}
+        for name in skipped:
+            adapters[name] = nn.Identity()
+        for name, t in teachers.items():
+            t.reuse, t._cached = True, given.get(name)
         try:
             yield
         finally:
-            for t in teachers:
+            for t in teachers.values():
                 t.reuse, t._cached = False, None
+            adapters.update(skipped)
 
     def p_w(self) -> dict[str, dict[str, float]]:
         """``{site: {"student": p0, "teacher:tap": p, ...}}``: the normalised weights of every site."""
