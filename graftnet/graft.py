@@ -20,7 +20,7 @@ from graftnet._plan import Plan, make_plan
 from graftnet._trace import Traced, propagate_shapes, trace, training_mode
 from graftnet.adapters import make_adapter, make_input_adapter
 from graftnet.errors import AdapterError, GraftError, SpecError
-from graftnet.mixer import Mixer
+from graftnet.mixer import Mixer, full_precision
 from graftnet.models import build_model
 from graftnet.spec import Spec, clip, input_shape_problem, load_spec, short_repr, teacher_name_problem
 
@@ -238,7 +238,7 @@ class GraftedModel(nn.Module):
         mixers = list(self.mixers.values())
         if not mixers:
             return torch.zeros(())
-        terms = [torch.log_softmax(m.logits, dim=0)[0] for m in mixers]
+        terms = [torch.log_softmax(full_precision(m.logits), dim=0)[0] for m in mixers]
         return -torch.stack(terms).mean()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -19,7 +19,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Mixer", "initial_logits", "mix"]
+__all__ = ["Mixer", "full_precision", "initial_logits", "mix"]
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is in a lower precision (bfloat16, float16), else as it is (float64 stays)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def initial_logits(n_taps: int, init: str | float) -> torch.Tensor:
@@ -41,12 +46,8 @@ class _Mix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, coeffs: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        dtype = functools.reduce(torch.promote_types, [u.dtype for u in inputs])  # as z + u would give
-        out = inputs[0].to(dtype) * coeffs[0]
-        for k in range(1, len(inputs)):
-            out.addcmul_(inputs[k], coeffs[k])
         ctx.save_for_backward(coeffs, *inputs)
-        return out
+        return _accumulate(coeffs, inputs)
 
     @staticmethod
     @once_differentiable
@@ -59,6 +60,15 @@ class _Mix(torch.autograd.Function):
             grad_coeffs = torch.stack(dots).to(coeffs.dtype)
         grads = [grad * coeffs[k] if ctx.needs_input_grad[k + 1] else None for k in range(len(inputs))]
         return (grad_coeffs, *grads)
+
+
+def _accumulate(coeffs: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_k c_k·u_k into one new tensor, in place after the first product."""
+    dtype = functools.reduce(torch.promote_types, [u.dtype for u in inputs])  # as z + u would give
+    out = inputs[0].to(dtype) * coeffs[0]
+    for k in range(1, len(inputs)):
+        out.addcmul_(inputs[k], coeffs[k])
+    return out
 
 
 def mix(coeffs: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -77,6 +87,8 @@ def mix(coeffs: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         for k in range(1, len(inputs)):
             out = out + inputs[k] * coeffs[k]
         return out
+    if not torch.is_grad_enabled():
+        return _accumulate(coeffs, inputs)  # the same sum without the autograd function's overhead
     return _Mix.apply(coeffs, *inputs)  # type: ignore[no-any-return]
 
 
@@ -98,6 +110,7 @@ class Mixer(nn.Module):
     """
 
     tap_scale: torch.Tensor
+    fold_mask: torch.Tensor
     calibrated_batches: torch.Tensor
 
     def __init__(
@@ -120,6 +133,12 @@ class Mixer(nn.Module):
         self.calibration_batches = calibration_batches
         self.register_buffer("tap_scale", torch.ones(len(taps)))
         self.register_buffer("calibrated_batches", torch.zeros((), dtype=torch.long))
+        # The scale of an identity adapter's tap is folded into its mixing weight, (p·s)·t: one pass over the tap
+        # fewer than p·(s·t). True at index k: candidate k's coefficient is p_k·s_k (index 0, the student: never).
+        folded = [False] + [rescale_taps and isinstance(a, nn.Identity) for a in adapters]
+        self._folds = any(folded)
+        self.fold_mask_host = tuple(folded)
+        self.register_buffer("fold_mask", torch.tensor(folded), persistent=False)
         # ``calibrated_batches`` mirrored on the host: reading the buffer every step would sync with the device
         # (and break a compiled graph); it is re-read only when the buffers are loaded or swapped (refresh)
         self._seen = 0
@@ -130,8 +149,9 @@ class Mixer(nn.Module):
         return ("student", *self.taps)
 
     def p_w(self) -> torch.Tensor:
-        """The normalised weights softmax(logits), in float32; index 0 is the student."""
-        return torch.softmax(self.logits.float(), dim=0)
+        """The normalised weights softmax(logits), in float32 at least (whatever autocast or a half-precision
+        cast of the model does); index 0 is the student."""
+        return torch.softmax(full_precision(self.logits), dim=0)
 
     @property
     def calibrating(self) -> bool:
@@ -168,18 +188,16 @@ class Mixer(nn.Module):
                 if self.calibrating:
                     self._calibrate(taps)
                     self._seen += 1
-        p = torch.softmax(self.logits.float(), dim=0)  # in float32 whatever autocast does around it
-        weights, inputs = [p[0]], [z]
+        coeffs = self.p_w()
+        if self._folds:  # all coefficients in three small ops, not two per tap and a stack
+            scales = torch.cat([self.tap_scale.new_ones(1), self.tap_scale])
+            coeffs = coeffs * torch.where(self.fold_mask, scales, torch.ones_like(scales))
+        inputs = [z]
         for i, (adapter, t) in enumerate(zip(self.adapters, taps, strict=True)):
-            weight = p[i + 1]
-            if self.rescale_taps:
-                if isinstance(adapter, nn.Identity):
-                    weight = weight * self.tap_scale[i]  # (p·s)·t: one pass over the tap fewer than p·(s·t)
-                else:
-                    t = t * self.tap_scale[i]
-            weights.append(weight)
+            if self.rescale_taps and not self.fold_mask_host[i + 1]:
+                t = t * self.tap_scale[i]
             inputs.append(adapter(t))
-        return mix(torch.stack(weights), inputs)
+        return mix(coeffs, inputs)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
