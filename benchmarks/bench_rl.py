@@ -13,19 +13,22 @@ One run, the cases interleaved update by update (median of ``--rounds`` rounds o
 An update is what the trainer does: a rollout of 16 environments × 5 steps, the loss, backward, Adam.
 
 For each knowledge-flow case, the components are timed alone in the same rounds:
-  teachers    the teachers (their truncated bodies, with their input adapters) on exactly the batches the case
-              cannot avoid: with fixed adapters, the T collection calls on batches of N observations; with
-              learned ones, those plus a forward and backward through teacher and adapter on the T·N batch (the
-              adapter's gradient) plus, with the KL term, a no-grad forward on it (θ_old's adapter);
+  required    what the case needs beyond plain A2C whatever the implementation: the teachers (their truncated
+              bodies, with their input adapters) on exactly the batches the case cannot avoid — with fixed
+              adapters, the T collection calls on batches of N observations; with learned ones, those plus a
+              forward and backward through teacher and adapter on the T·N batch (the adapter's gradient) plus,
+              with the KL term, a no-grad forward on it (θ_old's adapter) — and, with the KL term, one no-grad
+              forward of the plain student on the T·N batch (f_θold needs a forward with θ_old; bench_speed.py
+              counts the KL term's cost in the same unit);
   collection  Collector.collect of one rollout (T policy steps and the bootstrap pass), against plain A2C's;
               the teachers run in it T times (T + 1 where the bootstrap pass's taps are not carried over).
-``limit`` = t_plain / (t_plain + t_teachers) per update: the ratio to plain A2C if knowledge flow cost nothing
-but those teacher calls; ``of limit`` = ratio / limit (the issue's target is ≥ 0.9). ``collection overhead``
+``limit`` = t_plain / (t_plain + t_required) per update: the ratio to plain A2C if knowledge flow cost nothing
+but that work; ``of limit`` = ratio / limit (the issue's target is ≥ 0.9). ``collection overhead``
 is KF collection per env step − plain collection per env step − the teachers' own time per env step (their
 calls in a rollout, each timed alone, over T): the grafted forward's extra work (mixers, the teacher calls'
 Python, the taps' concatenation) while collecting.
 
-Run:  python benchmarks/bench_rl.py [--rounds 7] [--updates 40] [--threads 1]
+Run:  python benchmarks/bench_rl.py [--rounds 7] [--updates 40] [--threads 1] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -71,8 +74,10 @@ def _spec(sites: list[str] | None, lambda2: float = 0.1, learned: bool = True) -
     return graftnet.load_spec(spec)
 
 
-def _teacher_work(g: GraftedModel, lambda2: float, obs: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
-    """Two functions: the teachers' required work of one update, and their share of one collection step."""
+def _teacher_work(g: GraftedModel, lambda2: float, obs: torch.Tensor,
+                  student: nn.Module) -> tuple[Callable[[], None], Callable[[], None]]:  # fmt: skip
+    """Two functions: the required work of one update (teachers, and θ_old's student forward with the KL term),
+    and the teachers' share of one collection step."""
     runs: list[tuple[nn.Module, FrozenTeacher, bool]] = []
     for name, t in g.teachers.items():
         assert isinstance(t, FrozenTeacher)
@@ -98,6 +103,9 @@ def _teacher_work(g: GraftedModel, lambda2: float, obs: torch.Tensor) -> tuple[C
             if lambda2 > 0:
                 with torch.no_grad():
                     t.body(adapter(batch))
+        if lambda2 > 0:
+            with torch.no_grad():
+                student(batch)
 
     return update, lambda: one_step(steps[0])
 
@@ -115,9 +123,12 @@ def _teacher_calls(g: GraftedModel, collect: Callable[[], Any]) -> float:
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # GPU work is asynchronous
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 
@@ -126,6 +137,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--updates", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -136,17 +148,20 @@ def main() -> None:
         "KF without the KL term": _spec(["features.1", "act"], lambda2=0.0),
         "KF fixed, conv and fc": _spec(["features.1", "act"], learned=False),
     }
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     runs = {}
     for name, spec in cases.items():
         env = make_env(ENV, N, seed=0)
         method, _ = build_agent(spec, env.observation_shape, env.num_actions, total_steps=10_000)
         method.model.train()
+        method.to(device)
         assert spec.train is not None
         optimizer = make_optimizer(method.param_groups(), spec.train)
         runs[name] = (method, Collector(env, device), optimizer, spec, env)
     obs = runs["plain A2C"][1].collect(runs["plain A2C"][0].model, T)[0].obs  # real observations for the teachers
-    work = {name: _teacher_work(run[0].grafted, run[3].train.lambda2, obs)
+    obs = obs.to(device)
+    plain_student = runs["plain A2C"][0].model  # the student alone (a graft without sites)
+    work = {name: _teacher_work(run[0].grafted, run[3].train.lambda2, obs, plain_student)
             for name, run in runs.items() if name != "plain A2C"}  # fmt: skip
     for method, collector, *_ in runs.values():
         collector.collect(method.model, T)  # a first rollout: the next ones start from a bootstrap pass's taps

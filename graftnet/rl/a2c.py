@@ -196,8 +196,9 @@ def a2c_update(
             "train.lambda1.final"
         )
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    objective.backward(total)  # total.backward(), scaled first with train.precision fp16
     if rl.max_grad_norm is not None:
+        objective.unscale_gradients(optimizer)  # clip the true gradients, not fp16-scaled ones
         nn.utils.clip_grad_norm_([p for p in objective.model.parameters() if p.requires_grad], rl.max_grad_norm)
     objective.step(optimizer, progress)
     return values, ended, rollout.steps
