@@ -137,6 +137,7 @@ class GraftedModel(nn.Module):
         self.spec = spec if spec is not None else Spec()
         self._graphs = graphs
         self._compiled: dict[bool, Callable[..., Any]] = {}
+        self._generate_code()
         self.training = student.training
         for graph in set(graphs.values()):
             graph.owning_module = self  # type: ignore[assignment]  # lets graph.lint() check targets
@@ -154,6 +155,11 @@ class GraftedModel(nn.Module):
     def mixers(self) -> Mapping[str, Mixer]:
         """``{site name: Mixer}`` in site order."""
         return MappingProxyType({m.site: m for m in self.mixing.values() if isinstance(m, Mixer)})
+
+    def _generate_code(self) -> None:
+        """Python functions for both modes' graphs, made now rather than on the first call, so that a first call
+        under torch.compile does not meet code generation (``exec``), which it cannot trace."""
+        self._compiled = {mode: _compile(graph, "train" if mode else "eval") for mode, graph in self._graphs.items()}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         fn = self._compiled.get(self.training)
@@ -243,8 +249,12 @@ class GraftedModel(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_compiled"] = {}  # generated functions are rebuilt from the graphs on first call
+        state["_compiled"] = {}  # generated functions are rebuilt from the graphs when the copy is made
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._generate_code()
 
 
 @dataclass(frozen=True)
