@@ -213,6 +213,15 @@ class GraftedModel(nn.Module):
                 t.reuse, t._cached = False, None
             adapters.update(skipped)
 
+    def after_compiled_pass(self) -> None:
+        """Call after each training pass of a compiled graft (``torch.compile(g)``) in a loop of your own, as the
+        objectives do with ``train.compile``: it tells the mixers on the host when the tap calibration is over
+        (reading the batch count only during the first ``mixing.calibration_batches`` passes), so the next graph
+        leaves calibration out. Without it a compiled graft stays correct but keeps the masked calibration work.
+        """
+        for mixer in self.mixers.values():
+            mixer.after_compiled_pass()
+
     def p_w(self) -> dict[str, dict[str, float]]:
         """``{site: {"student": p0, "teacher:tap": p, ...}}``: the normalised weights of every site."""
         result = {}

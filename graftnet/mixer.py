@@ -55,7 +55,7 @@ class _Mix(torch.autograd.Function):
         coeffs, *inputs = ctx.saved_tensors
         grad_coeffs = None
         if ctx.needs_input_grad[0]:
-            flat = grad.reshape(-1)
+            flat = full_precision(grad.reshape(-1))  # half-precision dots lose digits, and CPUs run them 100× slower
             dots = [torch.dot(flat, u.reshape(-1).to(flat.dtype)) for u in inputs]
             grad_coeffs = torch.stack(dots).to(coeffs.dtype)
         grads = [grad * coeffs[k] if ctx.needs_input_grad[k + 1] else None for k in range(len(inputs))]
@@ -140,8 +140,11 @@ class Mixer(nn.Module):
         self.fold_mask_host = tuple(folded)
         self.register_buffer("fold_mask", torch.tensor(folded), persistent=False)
         # ``calibrated_batches`` mirrored on the host: reading the buffer every step would sync with the device
-        # (and break a compiled graph); it is re-read only when the buffers are loaded or swapped (refresh)
+        # (and break a compiled graph); it is re-read only when the buffers are loaded or swapped (refresh).
+        # ``_calibrating`` is the one thing a compiled graph reads: a bool that flips once, so calibrating and
+        # calibrated are two graphs, not one per batch count.
         self._seen = 0
+        self._calibrating = rescale_taps and calibration_batches > 0
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -156,7 +159,7 @@ class Mixer(nn.Module):
     @property
     def calibrating(self) -> bool:
         """True while the tap scales are still being averaged (the first ``calibration_batches`` training passes)."""
-        return self.rescale_taps and self._seen < self.calibration_batches
+        return self._calibrating
 
     @torch.no_grad()
     def _calibrate(self, taps: Sequence[torch.Tensor]) -> None:
@@ -178,16 +181,15 @@ class Mixer(nn.Module):
         self.calibrated_batches.add_(still.long())
 
     def forward(self, z: torch.Tensor, *taps: torch.Tensor) -> torch.Tensor:
-        if self.training and self.rescale_taps:  # evaluation never changes state
+        if self.training and self._calibrating:  # evaluation never changes state
             if torch.compiler.is_compiling():
-                self._calibrate(taps)  # masked: a few scalar ops per step, fused with the mixing's read of t
-                self._seen = -1  # the host mirror no longer follows the buffer: eager code re-reads it
+                # Tensor-only and masked, so the graph cannot tell how many batches are left; the host learns
+                # that calibration is over from after_compiled_pass(), and the next graph leaves this out.
+                self._calibrate(taps)
             else:
-                if self._seen < 0:
-                    self.refresh()
-                if self.calibrating:
-                    self._calibrate(taps)
-                    self._seen += 1
+                self._calibrate(taps)
+                self._seen += 1
+                self._calibrating = self._seen < self.calibration_batches
         coeffs = self.p_w()
         if self._folds:  # all coefficients in three small ops, not two per tap and a stack
             scales = torch.cat([self.tap_scale.new_ones(1), self.tap_scale])
@@ -205,12 +207,19 @@ class Mixer(nn.Module):
 
     def calibrating_like(self, other: Mixer) -> None:
         """Take ``other``'s calibration state, after its buffers were copied into this mixer's (no device read)."""
-        self._seen = other._seen
+        self._seen, self._calibrating = other._seen, other._calibrating
+
+    def after_compiled_pass(self) -> None:
+        """Catch the host mirror up with the buffer after a compiled training pass (a device read while calibrating
+        only: a few steps at the start of training, none after)."""
+        if self._calibrating:
+            self.refresh()
 
     def refresh(self) -> None:
         """Re-read the calibration state from the buffers (after they were loaded or swapped)."""
         if self.calibrated_batches.device.type != "meta":  # a module built on the meta device has no values yet
             self._seen = int(self.calibrated_batches)
+            self._calibrating = self.rescale_taps and self._seen < self.calibration_batches
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, taps={list(self.taps)}, rescale_taps={self.rescale_taps}"

@@ -193,12 +193,16 @@ class Objective:
         The compiled module is kept until another module is run (after the teachers are cut, say); outputs in
         a low precision come back in float32.
         """
-        if self.settings.compile:
-            if self._compiled is None or self._compiled[0] is not module:
-                self._compiled = (module, torch.compile(module))
-            module = self._compiled[1]  # type: ignore[assignment]
+        if not self.settings.compile:
+            with self.autocast(x):
+                return _in_fp32(module(self.prepare(x)))
+        if self._compiled is None or self._compiled[0] is not module:
+            self._compiled = (module, torch.compile(module))
         with self.autocast(x):
-            return _in_fp32(module(self.prepare(x)))
+            out = _in_fp32(self._compiled[1](self.prepare(x)))
+        if module.training and isinstance(self.model, GraftedModel):
+            self.model.after_compiled_pass()
+        return out
 
     def forward(self, x: torch.Tensor) -> Any:
         """Run the model on ``x`` (through :attr:`runner` when set) and remember what :meth:`regularizer` needs."""
