@@ -9,7 +9,9 @@ One run, the cases interleaved update by update (median of ``--rounds`` rounds o
   KF without the KL term      taps at conv and fc, λ2 = 0;
   KF fixed, conv and fc       teachers built for the student's 6 input channels, no input adapter, taps at conv
                               and fc: the taps the collector records are the update's, so the teachers run only
-                              while collecting.
+                              while collecting;
+  KF fixed, taps not cached   the same with the collector's tap cache off (``Collector(cache_taps=False)``): the
+                              update runs the teachers again, as graftnet did before the cache (an A/B in one run).
 An update is what the trainer does: a rollout of 16 environments × 5 steps, the loss, backward, Adam.
 
 For each knowledge-flow case, the components are timed alone in the same rounds:
@@ -147,6 +149,7 @@ def main() -> None:
         "KF, taps at conv only": _spec(["features.1"]),
         "KF without the KL term": _spec(["features.1", "act"], lambda2=0.0),
         "KF fixed, conv and fc": _spec(["features.1", "act"], learned=False),
+        "KF fixed, taps not cached": _spec(["features.1", "act"], learned=False),
     }
     device = torch.device(args.device)
     runs = {}
@@ -157,7 +160,8 @@ def main() -> None:
         method.to(device)
         assert spec.train is not None
         optimizer = make_optimizer(method.param_groups(), spec.train)
-        runs[name] = (method, Collector(env, device), optimizer, spec, env)
+        collector = Collector(env, device, cache_taps=name != "KF fixed, taps not cached")
+        runs[name] = (method, collector, optimizer, spec, env)
     obs = runs["plain A2C"][1].collect(runs["plain A2C"][0].model, T)[0].obs  # real observations for the teachers
     obs = obs.to(device)
     plain_student = runs["plain A2C"][0].model  # the student alone (a graft without sites)

@@ -233,3 +233,13 @@ def test_a3c_workers_with_fixed_adapter_teachers_finish(tmp_path: Path) -> None:
     spec = _spec({"breakout": "none", "asterix": "fixed"}, algorithm="a3c", workers=2)
     result = train_rl(spec, tmp_path / "a3c", progress=False, tensorboard=False)
     assert result.frames >= 800
+
+
+def test_a_collector_with_the_cache_off_records_nothing(agent: Build) -> None:
+    spec = _spec({"breakout": "none", "asterix": "fixed"})
+    method, collector, _ = agent(spec)
+    off = Collector(collector.env, CPU, cache_taps=False)
+    with _counting(method.grafted) as calls:
+        rollout, _ = off.collect(method.grafted, T)
+    assert rollout.taps is None  # the update recomputes the teachers, as before the cache (bench_rl's A/B case)
+    assert calls == {"breakout": T + 1, "asterix": T + 1}  # every step and the bootstrap pass run them

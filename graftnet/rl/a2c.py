@@ -86,9 +86,10 @@ class Collector:
     are carried to the next rollout, whose first step sees that observation again.
     """
 
-    def __init__(self, env: VecEnv, device: torch.device) -> None:
+    def __init__(self, env: VecEnv, device: torch.device, *, cache_taps: bool = True) -> None:
         self.env = env
         self.device = device
+        self.cache_taps = cache_taps  # False: the update recomputes every teacher (for comparisons)
         self.obs = torch.from_numpy(env.reset())
         self._carried: tuple[weakref.ref[nn.Module], Taps] | None = None  # the model, its teachers' taps of obs
 
@@ -110,7 +111,7 @@ class Collector:
         rewards = torch.empty((steps, n))
         dones = torch.empty((steps, n), dtype=torch.bool)
         ended: list[EpisodeEnd] = []
-        teachers = _recordable(model)
+        teachers = _recordable(model) if self.cache_taps else {}
         with contextlib.ExitStack() as stack:
             records = {name: stack.enter_context(t.recording()) for name, t in teachers.items()}
             for t in range(steps):
