@@ -137,7 +137,7 @@ class Mixer(nn.Module):
         # fewer than p·(s·t). True at index k: candidate k's coefficient is p_k·s_k (index 0, the student: never).
         folded = [False] + [rescale_taps and isinstance(a, nn.Identity) for a in adapters]
         self._folds = any(folded)
-        self.fold_mask_host = tuple(folded)
+        self._folded = tuple(folded)
         self.register_buffer("fold_mask", torch.tensor(folded), persistent=False)
         # ``calibrated_batches`` mirrored on the host: reading the buffer every step would sync with the device
         # (and break a compiled graph); it is re-read only when the buffers are loaded or swapped (refresh).
@@ -182,12 +182,10 @@ class Mixer(nn.Module):
 
     def forward(self, z: torch.Tensor, *taps: torch.Tensor) -> torch.Tensor:
         if self.training and self._calibrating:  # evaluation never changes state
-            if torch.compiler.is_compiling():
-                # Tensor-only and masked, so the graph cannot tell how many batches are left; the host learns
-                # that calibration is over from after_compiled_pass(), and the next graph leaves this out.
-                self._calibrate(taps)
-            else:
-                self._calibrate(taps)
+            self._calibrate(taps)
+            # Compiled, the graph cannot count on the host: it learns that calibration is over from
+            # after_compiled_pass(), and the next graph leaves this out.
+            if not torch.compiler.is_compiling():
                 self._seen += 1
                 self._calibrating = self._seen < self.calibration_batches
         coeffs = self.p_w()
@@ -196,7 +194,7 @@ class Mixer(nn.Module):
             coeffs = coeffs * torch.where(self.fold_mask, scales, torch.ones_like(scales))
         inputs = [z]
         for i, (adapter, t) in enumerate(zip(self.adapters, taps, strict=True)):
-            if self.rescale_taps and not self.fold_mask_host[i + 1]:
+            if self.rescale_taps and not self._folded[i + 1]:
                 t = t * self.tap_scale[i]
             inputs.append(adapter(t))
         return mix(coeffs, inputs)

@@ -48,6 +48,7 @@ from graftnet.losses import (
     lambda1_at,
     soft_cross_entropy,
 )
+from graftnet.mixer import full_precision
 from graftnet.models import build_model
 from graftnet.registry import Registry
 from graftnet.spec import BornAgainSpec, KDSpec, Spec, TrainSpec, register_method_name
@@ -76,7 +77,7 @@ _SCALER_KEY = "grad_scaler."
 def _in_fp32(out: Any) -> Any:
     """``out`` with every bfloat16/float16 tensor in it cast to float32 (the losses are computed in float32)."""
     if isinstance(out, torch.Tensor):
-        return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+        return full_precision(out)
     if isinstance(out, (tuple, list)):
         return type(out)(_in_fp32(o) for o in out)
     if isinstance(out, dict):
