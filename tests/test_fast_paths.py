@@ -197,3 +197,18 @@ def test_a_compiled_mixer_without_the_host_update_still_calibrates_right() -> No
     assert torch.allclose(mixer.tap_scale, 1.0 / ((batches[0][1].abs().mean() + batches[1][1].abs().mean()) / 2))
     mixer(*batches[0])  # nor does an eager call after them change it
     assert int(mixer.calibrated_batches) == 2
+
+
+def test_fit_with_fp16_checkpoints_the_gradient_scaler(tmp_path: Any) -> None:
+    from safetensors import safe_open
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    small = {"in_features": 12, "hidden": [16], "num_classes": 3}
+    data = TensorDataset(torch.randn(64, 12), torch.randint(0, 3, (64,)))
+    spec = {"sites": [{"student": "body.2", "taps": ["t:body.2"]}], "train": {"epochs": 1, "threads": 1}}
+    graftnet.fit(build_model("graftnet:mlp", small), {"t": build_model("graftnet:mlp", small)}, spec, train=data,
+                 val=data, run_dir=tmp_path / "run", precision="fp16", progress=False, tensorboard=False)  # fmt: skip
+    with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith("grad_scaler.scale") for k in keys), keys[:20]  # a resume keeps the loss scale
