@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from graftnet import activations
-from graftnet._trace import Traced, shape_of
+from graftnet._trace import Traced, follows_batch, shape_of
 from graftnet.errors import NameResolutionError
 from graftnet.registry import closest
 
@@ -38,6 +38,7 @@ class Activation:
     fused_attr: str | None  # set when the activation is the last step of a fused norm+act module
     inplace: bool
     shape: tuple[int, ...] | None  # pre-activation z, without the batch dimension
+    batched: bool = True  # False: z has no batch dimension (computed once for all samples): not graftable
 
 
 def _kind(node: fx.Node, root: nn.Module) -> str:
@@ -85,14 +86,16 @@ def catalogue(traced: Traced, training: bool = False) -> list[Activation]:
             kind = f"{type(module).__name__}.{attr}"
             inplace = getattr(getattr(module, attr), "inplace", False) is True
             shape = shape_of(node)
+            batched = follows_batch(node)
             scope = base
         else:
             kind = _kind(node, root)
             inplace = activations.mutates_input(node, root)
             z = node.args[0] if node.args else None
             shape = shape_of(z) if isinstance(z, fx.Node) else None
+            batched = follows_batch(z) if isinstance(z, fx.Node) else True
             scope = str(node.target) if node.op == "call_module" else _scope(node)
-        result.append(Activation(name, node.name, scope, kind, attr, inplace, shape))
+        result.append(Activation(name, node.name, scope, kind, attr, inplace, shape, batched))
     return result
 
 
@@ -102,22 +105,37 @@ def resolve(query: str, acts: list[Activation], traced: Traced, *, model_name: s
     Raises:
         NameResolutionError: unknown, ambiguous, or not an activation; lists the closest valid names.
     """
-    by_name = {a.name: a for a in acts}
-    if query in by_name:
-        return by_name[query]
-    by_node = {a.node: a for a in acts if a.fused_attr is None}
-    if query in by_node:
-        return by_node[query]
     hint = f"Run `graftnet nodes` to list the graftable names of {model_name}."
+    by_name = {a.name: a for a in acts}
+    by_node = {a.node: a for a in acts if a.fused_attr is None}
+    found = by_name.get(query) or by_node.get(query)
+    if found is not None:
+        if not found.batched:
+            batched = closest(query, [a.name for a in acts if a.batched])
+            suggest = f" Closest graftable names: {', '.join(batched)}." if batched else ""
+            raise NameResolutionError(
+                f"{where}: {query!r} in {model_name} runs on a tensor without the batch dimension (its first "
+                "dimension does not follow the batch size: a table computed once for every sample, such as a "
+                "relative-position MLP, or the batch merged with another dimension), so it cannot be mixed sample "
+                f"by sample and is not a graftable name.{suggest} {hint}"
+            )
+        return found
     repeated = [a.name for a in acts if a.name.startswith(query + "@")]
     if repeated:
         raise NameResolutionError(
             f"{where}: {query!r} in {model_name} is an activation module called {len(repeated)} times; "
             f"name one call: {', '.join(repeated)}. {hint}"
         )
-    inside = [a for a in acts if a.scope.startswith(query + ".") or a.scope == query]
+    within = [a for a in acts if a.scope.startswith(query + ".") or a.scope == query]
+    inside = [a for a in within if a.batched]
     if inside:
         return inside[-1]
+    if within:
+        raise NameResolutionError(
+            f"{where}: every activation inside {query!r} in {model_name} ({', '.join(a.name for a in within[:3])}"
+            f"{' …' if len(within) > 3 else ''}) runs on a tensor without the batch dimension, computed once for "
+            f"every sample, so none can be mixed sample by sample. {hint}"
+        )
     try:
         module = traced.model.get_submodule(query) if query else None
     except AttributeError:
@@ -134,6 +152,6 @@ def resolve(query: str, acts: list[Activation], traced: Traced, *, model_name: s
             f"sites and taps are activations, named by their input. {hint}"
         )
     parents = {a.scope.rsplit(".", k)[0] for a in acts for k in range(1, a.scope.count(".") + 1)}
-    near = closest(query, [a.name for a in acts] + sorted(parents))
+    near = closest(query, [a.name for a in acts if a.batched] + sorted(parents))
     near_text = f" Closest valid names: {', '.join(near)}." if near else ""
     raise NameResolutionError(f"{where}: {query!r} is not a graftable name in {model_name}.{near_text} {hint}")

@@ -149,10 +149,29 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
     return None if shape is None else tuple(int(d) for d in shape[1:])
 
 
+def follows_batch(node: fx.Node) -> bool:
+    """Whether ``node``'s output has the batch as its first dimension (unknown counts as yes).
+
+    False for a tensor computed once for every sample, such as a relative-position MLP over a coordinate table,
+    or one whose first dimension merges the batch with something else (tnt's inner tokens, batch × patches).
+    """
+    return node.meta.get("batched") is not False
+
+
+def _first_dims(graph: fx.Graph) -> dict[str, int]:
+    dims = {}
+    for n in graph.nodes:
+        shape = getattr(n.meta.get("tensor_meta"), "shape", None)
+        if shape is not None and len(shape) > 0:
+            dims[n.name] = int(shape[0])
+    return dims
+
+
 def propagate_shapes(
     traced: Traced, example: tuple[torch.Tensor, ...], *, name: str = "the model", hint: str = ""
 ) -> None:
-    """Record each node's output shape (``node.meta['tensor_meta']``) by running the eval graph once."""
+    """Record each node's output shape (``node.meta['tensor_meta']``) by running the eval graph once, and
+    whether its first dimension is the batch (``node.meta['batched']``) by running it again on one more sample."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     module = fx.GraphModule(traced.model, traced.eval_graph)
@@ -165,8 +184,29 @@ def propagate_shapes(
                 f"running {name} on an example input of shape {shapes} failed: {type(e).__name__}: {e}. "
                 + (hint or "Check input_shape in the spec (one sample, no batch dimension) or pass example_input.")
             ) from e
+        metas = {n.name: n.meta.get("tensor_meta") for n in traced.eval_graph.nodes}
+        batch = example[0].shape[0]
+        first = _first_dims(traced.eval_graph)
+        # One sample more: a dimension that grows with it is the batch; one that does not is computed once for
+        # every sample (or merges the batch with something else) and cannot be mixed sample by sample.
+        bigger = tuple(torch.cat([t, t[:1]]) if t.dim() and t.shape[0] == batch else t for t in example)
+        try:
+            ShapeProp(module).propagate(*bigger)
+            second: dict[str, int] | None = _first_dims(traced.eval_graph)
+        except Exception:  # a model that runs at one batch size only: nothing to learn, keep the first run
+            second = None
+        for n in traced.eval_graph.nodes:
+            if metas[n.name] is None:
+                n.meta.pop("tensor_meta", None)
+            else:
+                n.meta["tensor_meta"] = metas[n.name]
+            if second is not None and n.name in first:
+                n.meta["batched"] = first[n.name] == batch and second.get(n.name) == batch + 1
     if traced.dual:  # shapes do not depend on the mode: copy them over by node name
-        by_name = {n.name: n.meta.get("tensor_meta") for n in traced.eval_graph.nodes}
+        by_name = {n.name: n.meta for n in traced.eval_graph.nodes}
         for n in traced.train_graph.nodes:
-            if by_name.get(n.name) is not None:
-                n.meta["tensor_meta"] = by_name[n.name]
+            meta = by_name.get(n.name)
+            if meta is not None and meta.get("tensor_meta") is not None:
+                n.meta["tensor_meta"] = meta["tensor_meta"]
+                if "batched" in meta:
+                    n.meta["batched"] = meta["batched"]

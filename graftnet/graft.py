@@ -312,6 +312,10 @@ def sites(
 ) -> list[SiteInfo]:
     """The graftable activations of ``model`` in execution order, with their pre-activation shapes.
 
+    Activations whose pre-activation has no batch dimension (a relative-position MLP over a coordinate table,
+    computed once for every sample, or the batch merged with another dimension) are left out: they cannot be
+    mixed sample by sample, and naming one in a spec is a :class:`NameResolutionError` that says so.
+
     Examples:
         >>> import torchvision
         >>> [s.name for s in sites(torchvision.models.resnet18(), input_shape=(3, 32, 32))][:3]
@@ -321,7 +325,8 @@ def sites(
         raise GraftError(f"graftnet.sites: the model is a {type(model).__name__}, not a torch.nn.Module")
     example = _example(example_input, input_shape, "graftnet.sites")
     traced = _traced_with_shapes(model, example, "the model", (False,))
-    return [SiteInfo(a.name, a.shape, a.kind, a.inplace, a.node) for a in catalogue(traced)]
+    # activations on tensors without the batch dimension (tables computed once for all samples) are not offered
+    return [SiteInfo(a.name, a.shape, a.kind, a.inplace, a.node) for a in catalogue(traced) if a.batched]
 
 
 def _teacher_modules(teachers: Mapping[str, nn.Module] | None, spec: Spec) -> dict[str, nn.Module]:
