@@ -162,10 +162,7 @@ class GraftedModel(nn.Module):
         self._compiled = {mode: _compile(graph, "train" if mode else "eval") for mode, graph in self._graphs.items()}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        fn = self._compiled.get(self.training)
-        if fn is None:
-            fn = self._compiled[self.training] = _compile(self.graph, "train" if self.training else "eval")
-        return fn(self, *args, **kwargs)
+        return self._compiled[self.training](self, *args, **kwargs)
 
     @contextmanager
     def reusing_teacher_features(self, taps: Mapping[str, tuple[torch.Tensor, ...]] | None = None) -> Iterator[None]:

@@ -195,15 +195,19 @@ class Objective:
         a low precision come back in float32.
         """
         if not self.settings.compile:
-            with self.autocast(x):
-                return _in_fp32(module(self.prepare(x)))
+            return self.in_precision(module, x)
         if self._compiled is None or self._compiled[0] is not module:
             self._compiled = (module, torch.compile(module))
-        with self.autocast(x):
-            out = _in_fp32(self._compiled[1](self.prepare(x)))
+        out = self.in_precision(self._compiled[1], x)
         if module.training and isinstance(self.model, GraftedModel):
             self.model.after_compiled_pass()
         return out
+
+    def in_precision(self, fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+        """``fn(x)`` with ``x`` in the model's memory layout, under ``train.precision``'s autocast, and its
+        low-precision outputs back in float32: every forward pass an objective makes goes through here."""
+        with self.autocast(x):
+            return _in_fp32(fn(self.prepare(x)))
 
     def forward(self, x: torch.Tensor) -> Any:
         """Run the model on ``x`` (through :attr:`runner` when set) and remember what :meth:`regularizer` needs."""
@@ -437,8 +441,8 @@ class _TeacherOutputs(Objective):
         self.teacher = teacher.eval().requires_grad_(False)
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self.autocast(x):
-            return _in_fp32(logits_of(self.teacher(self.prepare(x))))  # type: ignore[no-any-return]
+        with torch.no_grad():
+            return logits_of(self.in_precision(self.teacher, x))
 
     def to(self, *args: Any, **kwargs: Any) -> Objective:
         self.teacher.to(*args, **kwargs)
@@ -560,8 +564,8 @@ class KnowledgeFlow(Objective):
             parts["dep_loss"] = dep
             terms.append(self.lambda1(progress) * dep)
         if self.snapshot is not None:
-            with self.autocast(x):
-                old = _in_fp32(self.snapshot.outputs(self.model, self.prepare(x), self._rng))
+            snapshot, rng = self.snapshot, self._rng
+            old = self.in_precision(lambda x: snapshot.outputs(self.model, x, rng), x)
             kl = kl_to_old(logits, head(old))
             parts["kl_loss"] = kl
             terms.append(self.settings.lambda2 * kl)
