@@ -20,8 +20,9 @@ import torch.fx as fx
 from torch import nn
 
 from graftnet import activations
-from graftnet._trace import Traced, follows_batch, shape_of
+from graftnet._trace import Traced, follows_batch, shape_of, why_leaf
 from graftnet.errors import NameResolutionError
+from graftnet.layouts import UNKNOWN, Layout, infer_layout
 from graftnet.registry import closest
 
 __all__ = ["Activation", "catalogue", "resolve"]
@@ -39,6 +40,7 @@ class Activation:
     inplace: bool
     shape: tuple[int, ...] | None  # pre-activation z, without the batch dimension
     batched: bool = True  # False: z has no batch dimension (computed once for all samples): not graftable
+    layout: Layout = Layout(UNKNOWN)  # which axis holds the channels, read from the ops around z
 
 
 def _kind(node: fx.Node, root: nn.Module) -> str:
@@ -87,6 +89,7 @@ def catalogue(traced: Traced, training: bool = False) -> list[Activation]:
             inplace = getattr(getattr(module, attr), "inplace", False) is True
             shape = shape_of(node)
             batched = follows_batch(node)
+            layout = infer_layout(node, node, root)  # the fused norm fixes it, and keeps z's layout
             scope = base
         else:
             kind = _kind(node, root)
@@ -94,8 +97,9 @@ def catalogue(traced: Traced, training: bool = False) -> list[Activation]:
             z = node.args[0] if node.args else None
             shape = shape_of(z) if isinstance(z, fx.Node) else None
             batched = follows_batch(z) if isinstance(z, fx.Node) else True
+            layout = infer_layout(z, node, root) if isinstance(z, fx.Node) else Layout(UNKNOWN)
             scope = str(node.target) if node.op == "call_module" else _scope(node)
-        result.append(Activation(name, node.name, scope, kind, attr, inplace, shape, batched))
+        result.append(Activation(name, node.name, scope, kind, attr, inplace, shape, batched, layout))
     return result
 
 
@@ -141,9 +145,16 @@ def resolve(query: str, acts: list[Activation], traced: Traced, *, model_name: s
     except AttributeError:
         module = None
     if module is not None:
+        leaf = _enclosing_leaf(query, traced)
+        if leaf is not None and (_composite(leaf, traced) or isinstance(module, activations.activation_modules())):
+            raise NameResolutionError(_inside_leaf(query, module, [leaf], acts, traced, model_name, where) + f" {hint}")
+        calls = [n for n in traced.eval_graph.nodes if n.op == "call_module"]
+        leaves = [n for n in calls if str(n.target).startswith(query + ".") and _composite(n, traced)]
+        if leaves:
+            raise NameResolutionError(_inside_leaf(query, module, leaves, acts, traced, model_name, where) + f" {hint}")
         raise NameResolutionError(
             f"{where}: {query!r} in {model_name} is a {type(module).__name__} module with no activation that "
-            f"runs inside it (is it a leaf FX does not trace into?). {hint}"
+            f"runs inside it. {hint}"
         )
     node = next((n for n in traced.eval_graph.nodes if n.name == query), None)
     if node is not None:
@@ -155,3 +166,49 @@ def resolve(query: str, acts: list[Activation], traced: Traced, *, model_name: s
     near = closest(query, [a.name for a in acts if a.batched] + sorted(parents))
     near_text = f" Closest valid names: {', '.join(near)}." if near else ""
     raise NameResolutionError(f"{where}: {query!r} is not a graftable name in {model_name}.{near_text} {hint}")
+
+
+def _enclosing_leaf(path: str, traced: Traced) -> fx.Node | None:
+    """The module call that runs ``path`` as one opaque node: ``path`` itself or its nearest called parent."""
+    called = {str(n.target): n for n in traced.eval_graph.nodes if n.op == "call_module"}
+    parts = path.split(".")
+    for k in range(len(parts), 0, -1):
+        node = called.get(".".join(parts[:k]))
+        if node is not None:
+            return node
+    return None
+
+
+def _composite(leaf: fx.Node, traced: Traced) -> bool:
+    """Whether a leaf call runs a block of submodules (which may hold activations), not a single layer."""
+    return any(True for _ in traced.model.get_submodule(str(leaf.target)).children())
+
+
+def _inside_leaf(
+    query: str, module: nn.Module, leaves: list[fx.Node], acts: list[Activation], traced: Traced, model_name: str,
+    where: str,
+) -> str:  # fmt: skip
+    """Why ``query`` — a leaf module, an activation inside one, or a module made of leaves — holds no graftable
+    activation, and the graftable names just before and after those leaves."""
+    root = traced.model
+    first = root.get_submodule(str(leaves[0].target))
+    cls = type(first)
+    order = {n.name: i for i, n in enumerate(traced.eval_graph.nodes)}
+    start, end = order[leaves[0].name], order[leaves[-1].name]
+    batched = [a for a in acts if a.batched and a.node in order]
+    near = [a.name for a in batched if order[a.node] < start][-1:]
+    near += [a.name for a in batched if order[a.node] > end][:1]
+    target = str(leaves[0].target)
+    paths = ", ".join(str(n.target) for n in leaves[:3]) + (" …" if len(leaves) > 3 else "")
+    if target == query:
+        what = f"{query!r} is a leaf module ({cls.__name__})"
+    elif query.startswith(target + "."):
+        what = f"{query!r} ({type(module).__name__}) runs inside {target!r}, a leaf module ({cls.__name__})"
+    else:
+        what = f"every activation in {query!r} ({type(module).__name__}) runs inside leaf modules ({paths}: "
+        what += f"{cls.__name__})"
+    suggest = f" The nearest graftable names, just before and after: {', '.join(near)}." if near else ""
+    return (
+        f"{where}: {what} in {model_name}. graftnet runs a leaf as one opaque call ({why_leaf(first)}), so no "
+        f"activation inside it can be a site or a tap.{suggest}"
+    )

@@ -27,12 +27,14 @@ from graftnet.errors import TraceError
 __all__ = ["Traced", "register_leaf_module", "trace"]
 
 _LEAVES: set[type[nn.Module]] = set()
+_TIMM_LEAVES: set[type[nn.Module]] = set()
 _AUTOWRAP: set[Callable[..., Any]] = set()
 
 try:  # timm's own list of what FX cannot trace through
     from timm.layers import _fx as _timm_fx
 
-    _LEAVES.update(_timm_fx.get_notrace_modules())
+    _TIMM_LEAVES.update(_timm_fx.get_notrace_modules())
+    _LEAVES.update(_TIMM_LEAVES)
     _AUTOWRAP.update(_timm_fx.get_notrace_functions())
 except ImportError:  # pragma: no cover - timm is a dependency, but user code need not use it
     pass
@@ -46,6 +48,19 @@ def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
     """
     _LEAVES.add(cls)
     return cls
+
+
+def why_leaf(module: nn.Module) -> str:
+    """Why tracing keeps ``module`` closed, as a clause for error messages."""
+    cls = type(module)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if any(c in _TIMM_LEAVES for c in cls.__mro__):
+        return f"timm lists {name} among the modules FX cannot trace"
+    if isinstance(module, tuple(_LEAVES)):
+        return f"{name} was registered with graftnet.register_leaf_module"
+    if cls.__module__.startswith("torch.nn"):
+        return f"FX keeps torch.nn modules such as {name} closed"
+    return f"FX keeps {name} closed"
 
 
 class _Tracer(fx.Tracer):

@@ -2,7 +2,9 @@
 
 Both are string-keyed registries (docs/architecture.md): a spec names an adapter by key and never imports code.
 A tap adapter factory takes ``(tap_shape, site_shape)`` — shapes without the batch dimension — and
-returns a module; an input adapter factory takes the student's input shape and its spec kwargs.
+returns a module; one that also takes ``tap_layout`` and ``site_layout`` keywords gets each side's
+:class:`~graftnet.layouts.Layout` (channels first or last, tokens on a grid, vector), read from the graph. An input
+adapter factory takes the student's input shape and its spec kwargs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graftnet.errors import AdapterError, GraftError
+from graftnet.layouts import CHANNELS_LAST, TOKENS, UNKNOWN, VECTOR, Layout, default_layout
 from graftnet.registry import Registry
 from graftnet.spec import MAX_INPUT_ELEMENTS, clip, short_repr
 
@@ -25,8 +28,11 @@ __all__ = [
     "ADAPTERS",
     "INPUT_ADAPTERS",
     "MapAdapter",
+    "MapToTokens",
+    "MoveChannels",
     "Normalize",
     "Resize",
+    "TokensToMap",
     "make_adapter",
     "register_adapter",
     "register_input_adapter",
@@ -99,6 +105,98 @@ def _is_map(shape: Shape) -> bool:
     return 2 <= len(shape) <= 4
 
 
+class MoveChannels(nn.Module):
+    """Move the channel axis of a batch between last and first (channels-last map ↔ channels-first map)."""
+
+    def __init__(self, rank: int, to_first: bool) -> None:
+        super().__init__()
+        self.rank, self.to_first = rank, to_first  # rank: of one sample
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t.movedim(-1, 1) if self.to_first else t.movedim(1, -1)
+
+    def extra_repr(self) -> str:
+        return "last → first" if self.to_first else "first → last"
+
+
+class TokensToMap(nn.Module):
+    """Tokens (N, D) cut from a grid → a channels-first map (D, *grid); the class/register tokens in front are
+    dropped (they have no place on the grid)."""
+
+    def __init__(self, grid: Shape, prefix: int) -> None:
+        super().__init__()
+        self.grid, self.prefix = tuple(grid), prefix
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t[:, self.prefix :].transpose(1, 2).reshape(t.shape[0], t.shape[2], *self.grid)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, prefix={self.prefix}"
+
+
+class MapToTokens(nn.Module):
+    """A channels-first map (D, *grid) → tokens (prefix + |grid|, D), row-major like a patch embedding; each
+    class/register token in front gets the map's average, the summary of the whole image such tokens carry."""
+
+    def __init__(self, prefix: int) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        tokens = t.flatten(2).transpose(1, 2)
+        if not self.prefix:
+            return tokens
+        summary = tokens.mean(1, keepdim=True).expand(-1, self.prefix, -1)
+        return torch.cat([summary, tokens], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"prefix={self.prefix}"
+
+
+def _as_map(shape: Shape, layout: Layout) -> tuple[Shape, nn.Module | None]:
+    """The channels-first map shape a tensor of ``layout`` reads as, and the module that turns it into one."""
+    if layout.kind == CHANNELS_LAST:
+        return (shape[-1], *shape[:-1]), MoveChannels(len(shape), to_first=True)
+    if layout.kind == TOKENS:
+        assert layout.grid is not None
+        return (shape[-1], *layout.grid), TokensToMap(layout.grid, layout.prefix)
+    if layout.grid is not None:  # channels first, flattened
+        return (shape[0], *layout.grid), nn.Unflatten(2, layout.grid)
+    return shape, None
+
+
+def _from_map(shape: Shape, layout: Layout) -> nn.Module | None:
+    """The module that turns the channels-first map :func:`_as_map` gives for ``(shape, layout)`` back into it."""
+    if layout.kind == CHANNELS_LAST:
+        return MoveChannels(len(shape), to_first=False)
+    if layout.kind == TOKENS:
+        return MapToTokens(layout.prefix)
+    if layout.grid is not None:
+        return nn.Flatten(2)
+    return None
+
+
+def _chain(*modules: nn.Module | None) -> nn.Module:
+    present = [m for m in modules if m is not None]
+    return present[0] if len(present) == 1 else nn.Sequential(*present)
+
+
+def _map_to_map(tap_shape: Shape, site_shape: Shape, tap_layout: Layout, site_layout: Layout) -> nn.Module | None:
+    """1×1 conv + resize between two tensors that read as feature maps of the same rank, in their own layouts."""
+    tap_map, to_map = _as_map(tap_shape, tap_layout)
+    site_map, _ = _as_map(site_shape, site_layout)
+    if not (_is_map(tap_map) and _is_map(site_map) and len(tap_map) == len(site_map)):
+        return None
+    return _chain(to_map, MapAdapter(tap_map, site_map), _from_map(site_shape, site_layout))
+
+
+class MeanTokens(nn.Module):
+    """Average a token sequence (N, D) → (D,)."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t.mean(1)
+
+
 def _no_adapter(key: str, tap_shape: Shape, site_shape: Shape, why: str) -> AdapterError:
     return AdapterError(
         f"adapter {key!r} cannot map a tap of shape {tap_shape} onto a site of shape {site_shape}: {why}. "
@@ -106,10 +204,27 @@ def _no_adapter(key: str, tap_shape: Shape, site_shape: Shape, why: str) -> Adap
     )
 
 
+def _layouts(
+    tap_shape: Shape, site_shape: Shape, tap_layout: Layout | None, site_layout: Layout | None
+) -> tuple[Layout, Layout]:
+    return (tap_layout or default_layout(tap_shape), site_layout or default_layout(site_shape))
+
+
+def _same(tap_shape: Shape, site_shape: Shape, tap_layout: Layout, site_layout: Layout) -> bool:
+    """Equal shapes, unless both layouts are known and differ: a layout the graph cannot tell (an opaque module in
+    between) is needed only to build a mapping, and equal shapes are the same-architecture case."""
+    return tap_shape == site_shape and (tap_layout == site_layout or UNKNOWN in (tap_layout.kind, site_layout.kind))
+
+
 @register_adapter("identity")
-def identity(tap_shape: Shape, site_shape: Shape) -> nn.Module:
+def identity(
+    tap_shape: Shape, site_shape: Shape, *, tap_layout: Layout | None = None, site_layout: Layout | None = None
+) -> nn.Module:
+    tl, sl = _layouts(tap_shape, site_shape, tap_layout, site_layout)
     if tap_shape != site_shape:
         raise _no_adapter("identity", tap_shape, site_shape, "shapes differ")
+    if not _same(tap_shape, site_shape, tl, sl):
+        raise _no_adapter("identity", tap_shape, site_shape, f"the layouts differ ({tl} tap, {sl} site)")
     return nn.Identity()
 
 
@@ -123,14 +238,14 @@ def _dense(key: str, tap_shape: Shape, site_shape: Shape) -> None:
     if weights > MAX_DENSE_WEIGHTS:
         raise _no_adapter(
             key, tap_shape, site_shape,
-            f"its dense matrix would hold {weights} weights, more than {MAX_DENSE_WEIGHTS} (2**28); use 'conv1x1' "
-            "between feature maps of the same rank, or tap a smaller activation",
+            f"its dense matrix would hold {weights} weights, more than {MAX_DENSE_WEIGHTS} (2**28); use 'auto' "
+            "between feature maps and tokens, or tap a smaller activation",
         )  # fmt: skip
 
 
 @register_adapter("linear")
-def linear(tap_shape: Shape, site_shape: Shape) -> nn.Module:
-    """Flatten, one dense matrix (the paper's Q in full), reshape to the site."""
+def linear(tap_shape: Shape, site_shape: Shape, **_layouts: Layout | None) -> nn.Module:
+    """Flatten, one dense matrix (the paper's Q in full), reshape to the site: no layout needed."""
     _dense("linear", tap_shape, site_shape)
     layers: list[nn.Module] = [nn.Flatten(), nn.Linear(math.prod(tap_shape), math.prod(site_shape))]
     if len(site_shape) > 1:
@@ -139,33 +254,79 @@ def linear(tap_shape: Shape, site_shape: Shape) -> nn.Module:
 
 
 @register_adapter("conv1x1")
-def conv1x1(tap_shape: Shape, site_shape: Shape) -> nn.Module:
-    if not (_is_map(tap_shape) and _is_map(site_shape) and len(tap_shape) == len(site_shape)):
-        raise _no_adapter("conv1x1", tap_shape, site_shape, "both must be feature maps of the same rank")
-    return MapAdapter(tap_shape, site_shape)
+def conv1x1(
+    tap_shape: Shape, site_shape: Shape, *, tap_layout: Layout | None = None, site_layout: Layout | None = None
+) -> nn.Module:
+    """1×1 conv + resize between feature maps of the same rank, each in its own layout (tokens on a grid count)."""
+    tl, sl = _layouts(tap_shape, site_shape, tap_layout, site_layout)
+    adapter = _map_to_map(tap_shape, site_shape, tl, sl) if tl.is_map and sl.is_map else None
+    if adapter is None:
+        raise _no_adapter(
+            "conv1x1", tap_shape, site_shape, f"both must be feature maps of the same rank (tap {tl}, site {sl})"
+        )
+    return adapter
 
 
 @register_adapter("auto")
-def auto(tap_shape: Shape, site_shape: Shape) -> nn.Module:
-    """Identity for equal shapes; Linear for vectors; 1×1 conv + resize for maps; flatten+Linear map→vector."""
-    if tap_shape == site_shape:
+def auto(
+    tap_shape: Shape, site_shape: Shape, *, tap_layout: Layout | None = None, site_layout: Layout | None = None
+) -> nn.Module:
+    """The cheapest sensible map between two layouts (README "Adapters").
+
+    Identity for equal shapes and layouts; ``Linear`` for vectors and between token sequences of one length;
+    1×1 conv + resize between feature maps, channels-last maps and tokens on a grid (moving the channel axis,
+    dropping or filling class tokens); flatten + ``Linear`` from a map to a vector, mean + ``Linear`` from tokens
+    to a vector. Layouts come from the graph; without them a shape reads as PyTorch's channels-first convention.
+    An ``unknown`` layout is refused, never guessed.
+    """
+    tl, sl = _layouts(tap_shape, site_shape, tap_layout, site_layout)
+    if _same(tap_shape, site_shape, tl, sl):
         return nn.Identity()
-    if len(tap_shape) == 1 and len(site_shape) == 1:
+    for which, layout, shape in (("tap", tl, tap_shape), ("site", sl, site_shape)):
+        if layout.kind == UNKNOWN:
+            raise _no_adapter(
+                "auto", tap_shape, site_shape,
+                f"the {which}'s layout (which axis holds its channels) cannot be read from the ops around it "
+                f"(shape {shape}), and auto does not guess it; register an adapter for it, or use 'linear' (dense)",
+            )  # fmt: skip
+    if tl.kind == VECTOR and sl.kind == VECTOR:
         _dense("auto", tap_shape, site_shape)
         return nn.Linear(tap_shape[0], site_shape[0])
-    if _is_map(tap_shape) and _is_map(site_shape) and len(tap_shape) == len(site_shape):
-        return MapAdapter(tap_shape, site_shape)
-    if _is_map(tap_shape) and len(site_shape) == 1:
-        _dense("auto", tap_shape, site_shape)
-        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(tap_shape), site_shape[0]))
+    if tl.kind == sl.kind == TOKENS and tap_shape[0] == site_shape[0] and tl.prefix == sl.prefix and tl.grid == sl.grid:
+        return nn.Linear(tap_shape[1], site_shape[1])  # token by token, class tokens onto class tokens
+    if tl.is_map and sl.is_map:
+        adapter = _map_to_map(tap_shape, site_shape, tl, sl)
+        if adapter is not None:
+            return adapter
+    if sl.kind == VECTOR and tl.kind == TOKENS:
+        return nn.Sequential(MeanTokens(), nn.Linear(tap_shape[1], site_shape[0]))
+    if sl.kind == VECTOR and tl.is_map:
+        tap_map, to_map = _as_map(tap_shape, tl)
+        _dense("auto", tap_map, site_shape)
+        return _chain(to_map, nn.Flatten(), nn.Linear(math.prod(tap_map), site_shape[0]))
+    if TOKENS in (tl.kind, sl.kind):
+        raise _no_adapter(
+            "auto", tap_shape, site_shape,
+            f"the tap is {tl} and the site {sl}: tokens map onto a feature map only when the graph shows the grid they "
+            "were cut from, and onto tokens of another length only through one; register an adapter for this pair",
+        )  # fmt: skip
     raise _no_adapter(
         "auto", tap_shape, site_shape,
-        "auto maps vector→vector, map→map of the same rank, and map→vector; use 'linear' to force a dense map",
+        f"the tap is {tl} and the site {sl}; auto maps vector→vector, map→map of the same rank (channels first or "
+        "last, tokens on a grid), map or tokens→vector; use 'linear' to force a dense map",
     )  # fmt: skip
 
 
-def make_adapter(key: str, tap_shape: Shape, site_shape: Shape) -> nn.Module:
-    return ADAPTERS.get(key)(tap_shape, site_shape)
+def make_adapter(
+    key: str, tap_shape: Shape, site_shape: Shape, tap_layout: Layout | None = None, site_layout: Layout | None = None
+) -> nn.Module:
+    """Build adapter ``key``; factories that take ``tap_layout``/``site_layout`` keywords are given the layouts."""
+    factory = ADAPTERS.get(key)
+    params = inspect.signature(factory).parameters
+    takes = {"tap_layout", "site_layout"} <= set(params) or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if takes:
+        return factory(tap_shape, site_shape, tap_layout=tap_layout, site_layout=site_layout)  # type: ignore[call-arg]
+    return factory(tap_shape, site_shape)
 
 
 # --- teacher input adapters: student input -> what the teacher expects --------------------------------

@@ -56,7 +56,8 @@ def _nodes(args: argparse.Namespace) -> None:
     if problem is not None:
         raise SpecError(f"--input-shape: {problem}")
     infos = sites(model, input_shape=shape)
-    print(f"# {args.model} on input {shape}: {len(infos)} graftable activations (pre-activation shapes, no batch dim)")
+    print(f"# {args.model} on input {shape}: {len(infos)} graftable activations "
+          "(pre-activation shapes without the batch dim, and layouts)")  # fmt: skip
     print(sites_table(infos))
 
 

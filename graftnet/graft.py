@@ -20,6 +20,7 @@ from graftnet._plan import Plan, make_plan
 from graftnet._trace import Traced, propagate_shapes, trace, training_mode
 from graftnet.adapters import make_adapter, make_input_adapter
 from graftnet.errors import AdapterError, GraftError, SpecError
+from graftnet.layouts import UNKNOWN, Layout
 from graftnet.mixer import Mixer, full_precision
 from graftnet.models import build_model
 from graftnet.spec import Spec, clip, input_shape_problem, load_spec, short_repr, teacher_name_problem
@@ -265,13 +266,15 @@ class GraftedModel(nn.Module):
 
 @dataclass(frozen=True)
 class SiteInfo:
-    """A graftable activation: its name, pre-activation shape (no batch dim) and what applies it."""
+    """A graftable activation: its name, pre-activation shape (no batch dim), what applies it, and its layout
+    (which axis holds the channels, read from the graph: README "Layouts")."""
 
     name: str
     shape: tuple[int, ...] | None
     kind: str
     inplace: bool
     node: str
+    layout: Layout = Layout(UNKNOWN)
 
 
 Shape = list[int] | tuple[int, ...]
@@ -323,7 +326,7 @@ def sites(
     example = _example(example_input, input_shape, "graftnet.sites")
     traced = _traced_with_shapes(model, example, "the model", (False,))
     # activations on tensors without the batch dimension (tables computed once for all samples) are not offered
-    return [SiteInfo(a.name, a.shape, a.kind, a.inplace, a.node) for a in catalogue(traced) if a.batched]
+    return [SiteInfo(a.name, a.shape, a.kind, a.inplace, a.node, a.layout) for a in catalogue(traced) if a.batched]
 
 
 def _teacher_modules(teachers: Mapping[str, nn.Module] | None, spec: Spec) -> dict[str, nn.Module]:
@@ -440,7 +443,8 @@ def graft(
         adapters = []
         for k, tap in enumerate(site.taps):
             try:
-                adapters.append(make_adapter(site.adapter, tap.activation.shape, site.activation.shape))  # type: ignore[arg-type]
+                adapters.append(make_adapter(site.adapter, tap.activation.shape, site.activation.shape,  # type: ignore[arg-type]
+                                             tap.activation.layout, site.activation.layout))  # fmt: skip
             except AdapterError as e:
                 raise AdapterError(f"sites[{i}].taps[{k}] ({tap.name} → {site.name}): {e}") from e
         key = site.activation.node

@@ -16,7 +16,11 @@ def _count(n: int) -> str:
 
 
 def _module_name(module: nn.Module) -> str:
-    return type(module).__name__ if not isinstance(module, nn.Identity) else "identity"
+    if isinstance(module, nn.Identity):
+        return "identity"
+    if isinstance(module, nn.Sequential):  # an adapter chain: layout moves around the mapping that learns
+        return " → ".join(_module_name(m) for m in module)
+    return type(module).__name__
 
 
 def describe(g: GraftedModel) -> str:
@@ -50,11 +54,15 @@ def describe(g: GraftedModel) -> str:
         inplace = ", in-place" if site_plan.activation.inplace else ""
         lines.append(f"  {site_plan.name}  ({site_plan.activation.kind}{inplace})")
         width = max(len(c) for c in mixer.candidates)
-        lines.append(f"      {'student'.ljust(width)}  {str(site_plan.activation.shape):<16} p_w={p_w[0]:.3f}")
+        site_act = site_plan.activation
+        lines.append(
+            f"      {'student'.ljust(width)}  {str(site_act.shape):<16} {str(site_act.layout):<14} p_w={p_w[0]:.3f}"
+        )
         for i, (tap, adapter) in enumerate(zip(site_plan.taps, list(mixer.adapters), strict=True)):
             params = sum(p.numel() for p in adapter.parameters())
             lines.append(
-                f"      {tap.name.ljust(width)}  {str(tap.activation.shape):<16} p_w={p_w[i + 1]:.3f}  "
+                f"      {tap.name.ljust(width)}  {str(tap.activation.shape):<16} {str(tap.activation.layout):<14} "
+                f"p_w={p_w[i + 1]:.3f}  "
                 f"adapter {site_plan.adapter}: {_module_name(adapter)} ({_count(params)} parameters)"
             )
         lines.append(f"      adds {_count(added)} trainable parameters")
@@ -63,13 +71,15 @@ def describe(g: GraftedModel) -> str:
 
 
 def sites_table(infos: Sequence[SiteInfo]) -> str:
-    """One line per graftable activation: name, pre-activation shape, what applies it."""
+    """One line per graftable activation: name, pre-activation shape, its layout, what applies it."""
     if not infos:
         return "(no graftable activations found)"
     width = max(len("name"), *(len(s.name) for s in infos))
     shape_width = max(len("pre-activation shape"), *(len(str(s.shape)) for s in infos))
-    rows = [f"{'name'.ljust(width)}  {'pre-activation shape'.ljust(shape_width)}  kind"]
+    layout_width = max(len("layout"), *(len(str(s.layout)) for s in infos))
+    rows = [f"{'name'.ljust(width)}  {'pre-activation shape'.ljust(shape_width)}  {'layout'.ljust(layout_width)}  kind"]
     for s in infos:
         kind = s.kind + (" (in-place)" if s.inplace else "")
-        rows.append(f"{s.name.ljust(width)}  {str(s.shape).ljust(shape_width)}  {kind}")
+        layout = str(s.layout).ljust(layout_width)
+        rows.append(f"{s.name.ljust(width)}  {str(s.shape).ljust(shape_width)}  {layout}  {kind}")
     return "\n".join(rows)
