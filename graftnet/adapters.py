@@ -298,6 +298,12 @@ def auto(
         adapter = _map_to_map(tap_shape, site_shape, tl, sl)
         if adapter is not None:
             return adapter
+        ranks = [len(_as_map(shape, layout)[0]) - 1 for shape, layout in ((tap_shape, tl), (site_shape, sl))]
+        raise _no_adapter(
+            "auto", tap_shape, site_shape,
+            f"the tap reads as a {ranks[0]}-D map and the site as a {ranks[1]}-D map ({tl} and {sl}), and the graph "
+            "shows no grid that would reshape one into the other; register an adapter for this pair",
+        )  # fmt: skip
     if sl.kind == VECTOR and tl.kind == TOKENS:
         return nn.Sequential(MeanTokens(), nn.Linear(tap_shape[1], site_shape[0]))
     if sl.kind == VECTOR and tl.is_map:

@@ -148,6 +148,7 @@ def test_the_token_adapter_is_a_pool_and_a_1x1_projection() -> None:
         (((8, 8, 8), "unknown"), ((16, 8, 8), "channels_first"), "the tap's layout .* cannot be read"),
         (((8, 8, 8), "channels_first"), ((16, 8, 8), "unknown"), "the site's layout .* cannot be read"),
         (((8, 8, 8), "channels_first"), ((37, 16), "tokens"), "tokens map onto a feature map only when the graph"),
+        (((8, 8, 8), "channels_first"), ((16, 25), "channels_first"), "reads as a 2-D map and the site as a 1-D"),
     ],
 )
 def test_what_cannot_be_read_is_refused(

@@ -154,10 +154,14 @@ def test_graft_timm_family(family: str, role: str) -> None:
         torch.manual_seed(0)
         model = chosen.build()
         cnn = resnet18()
+        # timm zero-initialises the last norm of many residual branches, so at init a site inside one may pass no
+        # gradient back to its adapter: only finiteness is checked here (tests/test_layouts.py checks more)
         if role == "student":
-            check_graft(model, {"cnn": cnn}, middle_site(model, chosen.shape), "cnn:layer2", chosen.shape, chosen.build)
+            check_graft(model, {"cnn": cnn}, middle_site(model, chosen.shape), "cnn:layer2", chosen.shape, chosen.build,
+                        nonzero_gradient=False)  # fmt: skip
         else:
-            check_graft(cnn, {"t": model}, "layer2", "t:" + middle_site(model, chosen.shape), chosen.shape, resnet18)
+            check_graft(cnn, {"t": model}, "layer2", "t:" + middle_site(model, chosen.shape), chosen.shape, resnet18,
+                        nonzero_gradient=False)  # fmt: skip
     except Exception as e:
         outcomes[family] = f"{chosen.name}: {type(e).__name__}: {e}"
         raise AssertionError(f"{chosen.name} {chosen.shape} as {role}: {type(e).__name__}: {e}") from e
