@@ -6,7 +6,8 @@ Every activation call in a traced model gets one public name:
 * an activation module called several times: ``path@0``, ``path@1`` … in call order
   (torchvision's BasicBlock calls ``self.relu`` twice); the bare path is then ambiguous;
 * the activation inside a fused norm+act module: ``path.act`` (``features.denseblock1.denselayer1.norm1.act``);
-* a functional or method activation: its FX node name (``relu_3``).
+* a functional or method activation: its FX node name (``relu_3``);
+* the model's output, when it returns one tensor: ``output`` (the logits, mixed before they are returned).
 
 A parent module path (``layer1.0``) resolves to the last activation that runs inside it.
 """
@@ -100,7 +101,22 @@ def catalogue(traced: Traced, training: bool = False) -> list[Activation]:
             layout = infer_layout(z, node, root) if isinstance(z, fx.Node) else Layout(UNKNOWN)
             scope = str(node.target) if node.op == "call_module" else _scope(node)
         result.append(Activation(name, node.name, scope, kind, attr, inplace, shape, batched, layout))
+    output = _output_site(graph, root)
+    if output is not None and all(a.name != output.name for a in result):
+        result.append(output)
     return result
+
+
+def _output_site(graph: fx.Graph, root: nn.Module) -> Activation | None:
+    """The model's output as a site or tap, when it is one tensor: mixing the student's logits with a teacher's
+    (the paper's Table 4 student also learns from its teacher's output layer). The ``output`` node stands for
+    the activation: z is what it returns."""
+    node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    z = node.args[0] if node.args else None
+    if not isinstance(z, fx.Node) or shape_of(z) is None:
+        return None  # a tuple or a dict (actor-critics, detection heads): no single output to mix
+    return Activation("output", node.name, "", "output", None, False, shape_of(z), follows_batch(z),
+                      infer_layout(z, z, root))  # fmt: skip
 
 
 def resolve(query: str, acts: list[Activation], traced: Traced, *, model_name: str, where: str) -> Activation:
@@ -157,6 +173,12 @@ def resolve(query: str, acts: list[Activation], traced: Traced, *, model_name: s
             f"runs inside it. {hint}"
         )
     node = next((n for n in traced.eval_graph.nodes if n.name == query), None)
+    if node is not None and node.op == "output":
+        returned = type(node.args[0]).__name__ if node.args else "nothing"
+        raise NameResolutionError(
+            f"{where}: 'output' in {model_name} cannot be mixed: it returns a {returned}, not one tensor (an "
+            f"actor-critic's (policy, value), say); name an activation instead. {hint}"
+        )
     if node is not None:
         raise NameResolutionError(
             f"{where}: {query!r} in {model_name} is a graph node ({node.op} {node.target}) but not an activation; "

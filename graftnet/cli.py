@@ -56,7 +56,9 @@ def _nodes(args: argparse.Namespace) -> None:
     if problem is not None:
         raise SpecError(f"--input-shape: {problem}")
     infos = sites(model, input_shape=shape)
-    print(f"# {args.model} on input {shape}: {len(infos)} graftable activations "
+    acts = sum(s.kind != "output" for s in infos)
+    output = " and the output" if acts < len(infos) else ""
+    print(f"# {args.model} on input {shape}: {acts} graftable activations{output} "
           "(pre-activation shapes without the batch dim, and layouts)")  # fmt: skip
     print(sites_table(infos))
 

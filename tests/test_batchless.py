@@ -27,12 +27,12 @@ X = torch.randn(2, 3, 8, 8)
 
 
 def test_sites_leave_out_activations_without_a_batch_dimension() -> None:
-    assert [s.name for s in graftnet.sites(RelPosNet(), example_input=X)] == ["act"]
+    assert [s.name for s in graftnet.sites(RelPosNet(), example_input=X)] == ["act", "output"]
 
 
 def test_a_table_whose_rows_equal_the_batch_size_is_still_found() -> None:
     # 5 coordinate rows and an example batch of 5: only a second batch size tells the table from the batch
-    assert [s.name for s in graftnet.sites(RelPosNet(), example_input=torch.randn(5, 3, 8, 8))] == ["act"]
+    assert [s.name for s in graftnet.sites(RelPosNet(), example_input=torch.randn(5, 3, 8, 8))] == ["act", "output"]
 
 
 @pytest.mark.parametrize(

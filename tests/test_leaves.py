@@ -56,7 +56,7 @@ def test_naming_an_activation_in_a_leaf_names_the_leaf_and_the_graftable_names_a
     assert says in msg
     assert "registered with graftnet.register_leaf_module" in msg
     assert "nearest graftable names, just before and after: act0, act1" in msg
-    assert [s.name for s in graftnet.sites(Net(), input_shape=(3, 8, 8))] == ["act0", "act1"]
+    assert [s.name for s in graftnet.sites(Net(), input_shape=(3, 8, 8))] == ["act0", "act1", "output"]
 
 
 def test_a_timm_no_trace_block_is_named_with_timms_reason() -> None:

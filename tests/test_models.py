@@ -447,14 +447,16 @@ def test_sites_match_golden_list(name: str) -> None:
 def test_golden_lists_make_sense() -> None:
     """Facts a reader can check by hand against the architectures, independent of the generated files."""
     timm18 = dict(line.split() for line in (GOLDEN / "timm_resnet18.txt").read_text().splitlines())
-    assert len(timm18) == 17  # stem + 2 per BasicBlock × 8
+    assert len(timm18) == 18  # stem + 2 per BasicBlock × 8, and the output (the logits)
+    assert list(timm18)[-1] == "output" and timm18["output"] == "1000"
     assert list(timm18)[:3] == ["act1", "layer1.0.act1", "layer1.0.act2"]
     assert timm18["act1"] == "64x112x112" and timm18["layer4.1.act2"] == "512x7x7"
     tv18 = dict(line.split() for line in (GOLDEN / "torchvision_resnet18.txt").read_text().splitlines())
-    assert len(tv18) == 17
+    assert len(tv18) == 18
     assert [n for n in tv18 if n.startswith("layer1.0.")] == ["layer1.0.relu@0", "layer1.0.relu@1"]
     assert list(tv18.values()) == list(timm18.values())  # same architecture, same shapes
     a3c = [line.split() for line in (GOLDEN / "graftnet_a3c.txt").read_text().splitlines()]
+    # an actor-critic returns (policy, value): no single output to mix
     assert a3c == [["features.1", "16x20x20"], ["features.3", "32x9x9"], ["act", "256"]]
 
 

@@ -67,8 +67,8 @@ def generation_spec(spec: Spec, k: int, run_dir: Path, input_shape: tuple[int, .
                 "train.ban.knowledge_flow grafts generations onto each other at matching sites, so generation 0 "
                 "must have the student's architecture: drop train.ban.teacher_model"
             )
-        names = [s.student for s in spec.sites] or [
-            s.name for s in sites(build_model(model.model, model.kwargs), input_shape=input_shape)
+        names = [s.student for s in spec.sites] or [  # every activation; the output only if the spec names it
+            s.name for s in sites(build_model(model.model, model.kwargs), input_shape=input_shape) if s.kind != "output"
         ]
         update["teachers"] = {
             f"gen{j}": {"model": model.model, "kwargs": model.kwargs,
