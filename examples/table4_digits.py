@@ -4,7 +4,8 @@ A 2×1200 MLP teacher with dropout learns scikit-learn's digits from the whole t
 learns the same task from 300 labels, by these methods on equal terms: alone (scratch), Hinton KD from the
 teacher (T = 20, α = 0.9, as the paper), and knowledge flow with the teacher's hidden layers mapped into the
 student's by learned linear adapters — and, as ``knowledge_flow_output``, the student's logits mixed with the
-teacher's as well (the ``output`` site). Batch 32 × 100 epochs. Each method's learning rate is chosen on
+teacher's as well (the ``output`` site), and as ``knowledge_flow_kd`` with KD's loss as its task loss
+(``train.kd.with_knowledge_flow``). Batch 32 × 100 epochs. Each method's learning rate is chosen on
 validation by ``graftnet tune``, under SGD (the spec's optimizer) and under Adam, then rerun with 3 seeds.
 
 Run:  python examples/table4_digits.py [--out runs/table4] [--seeds 3] [--jobs 2]
@@ -29,7 +30,8 @@ TEACHER = {"model": "graftnet:mlp",
            "kwargs": {"in_features": 64, "hidden": [1200, 1200], "num_classes": 10, "dropout": 0.5}}  # fmt: skip
 LRS = {"sgd": [0.01, 0.05, 0.1], "adam": [1e-3, 3e-3, 1e-2]}
 METHODS = {"scratch": "student alone", "kd": "KD (T = 20, α = 0.9)", "knowledge_flow": "knowledge flow",
-           "knowledge_flow_output": "knowledge flow, hidden layers and the output"}
+           "knowledge_flow_output": "knowledge flow, hidden layers and the output",
+           "knowledge_flow_kd": "knowledge flow + KD loss (T = 20, α = 0.9)"}
 HIDDEN_SITES = [{"student": "body.2", "taps": ["big:body.2"]}, {"student": "body.4", "taps": ["big:body.5"]}]
 # The paper's student "benefits not only from the output layer behavior of the teacher but also from intermediate
 # layer representations": its logits mix with the teacher's too (the `output` site).
@@ -55,8 +57,9 @@ def run(method: str, optimizer: str, out: str, weights: str, seeds: int, kf_sett
     spec: dict[str, Any] = {"student": STUDENT, "data": _data(300), "train": train}
     if method != "scratch":
         spec["teachers"] = {"big": {**TEACHER, "weights": weights}}
-    if method == "kd":
-        spec["train"]["kd"] = {"teacher": "big", "temperature": 20.0, "alpha": 0.9}
+    if method in ("kd", "knowledge_flow_kd"):
+        spec["train"]["kd"] = {"teacher": "big", "temperature": 20.0, "alpha": 0.9,
+                               "with_knowledge_flow": method == "knowledge_flow_kd"}  # fmt: skip
     if method.startswith("knowledge_flow"):
         spec["train"]["method"] = "knowledge_flow"
         spec["sites"] = HIDDEN_SITES + ([OUTPUT_SITE] if method == "knowledge_flow_output" else [])

@@ -383,6 +383,11 @@ class KDSpec(_Strict):
     teacher: str = Field(description="The teacher (a key of 'teachers') whose outputs the student matches.")
     temperature: float = Field(4.0, gt=0.0)
     alpha: float = Field(0.9, ge=0.0, le=1.0)
+    with_knowledge_flow: bool = Field(
+        False,
+        description="With method knowledge_flow: the task loss becomes this KD loss (the student matches the "
+        "teacher's softened outputs while it reads the teachers' layers). Off, knowledge_flow ignores this section.",
+    )
 
 
 class FinetuneSpec(_Strict):
@@ -589,12 +594,19 @@ class Spec(_Strict):
                     f"(teachers: {', '.join(sorted(self.teachers)) or 'none'})"
                 )
         if self.rl is not None:
+            if train.kd is not None and train.kd.with_knowledge_flow:
+                raise ValueError("train.kd.with_knowledge_flow: reinforcement learning has no KD loss; remove it")
             if self.data is not None:
                 raise ValueError("rl: a spec trains either on data or in an environment: remove 'data' or 'rl'")
             if train.method not in ("scratch", "finetune", "knowledge_flow"):
                 raise ValueError(
                     f"train.method: {train.method!r} does not apply to 'rl': use scratch, finetune or knowledge_flow"
                 )
+        if train.kd is not None and train.kd.with_knowledge_flow and train.method != "knowledge_flow":
+            raise ValueError(
+                f"train.kd.with_knowledge_flow: only method 'knowledge_flow' adds a KD loss; method {train.method!r} "
+                "does not (for KD alone use method 'kd')"
+            )
         if train.method == "knowledge_flow" and not self.sites:
             raise ValueError("sites: method 'knowledge_flow' needs at least one site with taps to mix")
         if train.method == "ban":

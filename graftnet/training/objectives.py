@@ -449,6 +449,20 @@ class _TeacherOutputs(Objective):
         return super().to(*args, **kwargs)
 
 
+def _same_outputs(student: nn.Module, teacher: nn.Module, example: torch.Tensor, where: str) -> None:
+    """Refuse a distillation teacher whose output space is not the student's."""
+    with torch.no_grad():
+        was = student.training
+        student.eval()
+        s_shape, t_shape = logits_of(student(example)).shape, logits_of(teacher(example)).shape
+        student.train(was)
+    if s_shape != t_shape:
+        raise TrainingError(
+            f"{where} outputs {tuple(t_shape[1:])} per sample but the student outputs {tuple(s_shape[1:])}; "
+            "distillation needs the teacher's output space to be the target's"
+        )
+
+
 @register_method("kd")
 class KnowledgeDistillation(_TeacherOutputs):
     """Hinton et al. (2015): match the teacher's softened outputs as well as the labels.
@@ -479,16 +493,7 @@ class KnowledgeDistillation(_TeacherOutputs):
         name = spec.train.kd.teacher
         teacher = _teacher(spec, name, teachers)
         g = _plain(student, example, spec)
-        with torch.no_grad():
-            was = student.training
-            student.eval()
-            s_shape, t_shape = logits_of(student(example)).shape, logits_of(teacher(example)).shape
-            student.train(was)
-        if s_shape != t_shape:
-            raise TrainingError(
-                f"train.kd.teacher: teacher {name!r} outputs {tuple(t_shape)} but the student outputs "
-                f"{tuple(s_shape)}; distillation needs the teacher's output space to be the target's"
-            )
+        _same_outputs(student, teacher, example, f"train.kd.teacher: teacher {name!r}")
         return cls(g, spec.train, teacher=teacher, total_steps=total_steps)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, progress: float | None = None) -> StepLoss:
@@ -506,16 +511,20 @@ class KnowledgeFlow(Objective):
     reuses the batch's teacher taps and dropout masks. With ``cut_teachers_at`` the teachers are removed at
     that fraction of training and the plain student trains on (:meth:`maybe_cut`).
 
+    With ``train.kd.with_knowledge_flow`` the task loss is Hinton's KD loss against ``distill_from`` (a whole
+    teacher with the target's output space): the student also matches that teacher's softened outputs.
+
     Args:
         model: a :class:`GraftedModel` (from :func:`graftnet.graft`).
         total_steps: optimizer steps in the whole run: λ1's clock, and the default learning rate of w.
+        distill_from: the teacher whose outputs the KD loss matches; needed with ``train.kd.with_knowledge_flow``.
     """
 
     name = "knowledge_flow"
 
     def __init__(
         self, model: nn.Module, settings: TrainSpec | Mapping[str, Any] | None = None, *,
-        total_steps: int | None = None, **overrides: Any,
+        total_steps: int | None = None, distill_from: nn.Module | None = None, **overrides: Any,
     ) -> None:  # fmt: skip
         if not isinstance(model, GraftedModel):
             raise TrainingError(
@@ -526,6 +535,14 @@ class KnowledgeFlow(Objective):
         self.model: GraftedModel = model
         self.snapshot = ParameterSnapshot(model, compile=self.settings.compile) if self.settings.lambda2 > 0 else None
         self._rng: RngState | None = None
+        kd = self.settings.kd
+        self.kd = kd if kd is not None and kd.with_knowledge_flow else None
+        if self.kd is not None and not isinstance(distill_from, nn.Module):
+            raise TrainingError(
+                "train.kd.with_knowledge_flow: pass the whole teacher whose outputs the student matches as "
+                "KnowledgeFlow(..., distill_from=teacher)"
+            )
+        self.distill_from = distill_from.eval().requires_grad_(False) if self.kd is not None and distill_from else None
 
     @classmethod
     def from_spec(
@@ -534,11 +551,19 @@ class KnowledgeFlow(Objective):
     ) -> Objective:  # fmt: skip
         given = dict(teachers or {})
         modules = {name: given[name] if name in given else _teacher(spec, name, None) for name in spec.teachers}
+        assert spec.train is not None
+        kd = spec.train.kd
+        distill_from = modules[kd.teacher] if kd is not None and kd.with_knowledge_flow else None
+        if distill_from is not None:
+            assert kd is not None
+            _same_outputs(student, distill_from, example, f"train.kd.teacher: teacher {kd.teacher!r}")
         g = graft(student, modules, spec.graft_part(), example_input=example)
-        return cls(g, spec.train, total_steps=total_steps)
+        return cls(g, spec.train, total_steps=total_steps, distill_from=distill_from)
 
     def to(self, *args: Any, **kwargs: Any) -> Objective:
         super().to(*args, **kwargs)
+        if self.distill_from is not None:
+            self.distill_from.to(*args, **kwargs)
         if self.snapshot is not None:
             self.snapshot.follow(self.model)  # θ_old on the parameters' device, in their dtype
         return self
@@ -577,9 +602,14 @@ class KnowledgeFlow(Objective):
             task = F.cross_entropy(logits, y)
             terms, parts = self.regularizer(x, logits, progress)
         total = task
+        if self.kd is not None and self.distill_from is not None:
+            with torch.no_grad():
+                teacher = logits_of(self.in_precision(self.distill_from, x))
+            total = kd_loss(logits, teacher, y, self.kd.temperature, self.kd.alpha)
+            parts["kd_loss"] = total.detach()
         for term in terms:
             total = total + term
-        return StepLoss(total, {"task_loss": task, **parts}, logits)
+        return StepLoss(total, {"task_loss": task.detach() if self.kd is not None else task, **parts}, logits)
 
     def before_step(self) -> None:
         if self.snapshot is not None and self.steps % self.settings.kl_lag == 0:
