@@ -512,7 +512,8 @@ class KnowledgeFlow(Objective):
     that fraction of training and the plain student trains on (:meth:`maybe_cut`).
 
     With ``train.kd.with_knowledge_flow`` the task loss is Hinton's KD loss against ``distill_from`` (a whole
-    teacher with the target's output space): the student also matches that teacher's softened outputs.
+    teacher with the target's output space): the student also matches that teacher's softened outputs, after the
+    cut too (the cut removes the teachers' layers from the student, not the distillation target).
 
     Args:
         model: a :class:`GraftedModel` (from :func:`graftnet.graft`).
@@ -542,7 +543,8 @@ class KnowledgeFlow(Objective):
                 "train.kd.with_knowledge_flow: pass the whole teacher whose outputs the student matches as "
                 "KnowledgeFlow(..., distill_from=teacher)"
             )
-        self.distill_from = distill_from.eval().requires_grad_(False) if self.kd is not None and distill_from else None
+        self.distill_from = (distill_from.eval().requires_grad_(False)
+                             if self.kd is not None and distill_from is not None else None)  # fmt: skip
 
     @classmethod
     def from_spec(
