@@ -77,7 +77,7 @@ def test_shortcut_only_where_the_shape_changes() -> None:
 def test_sites_in_execution_order() -> None:
     names = [s.name for s in graftnet.sites(wide_resnet_cifar(depth=16, widen_factor=1), input_shape=(3, 32, 32))]
     blocks = [f"stage{s}.{b}.act{a}" for s in (1, 2, 3) for b in (0, 1) for a in (1, 2)]
-    assert names == [*blocks, "act"]
+    assert names == [*blocks, "act", "output"]
 
 
 def test_sites_shapes_wrn_10_1() -> None:
@@ -90,6 +90,7 @@ def test_sites_shapes_wrn_10_1() -> None:
         "stage3.0.act1",
         "stage3.0.act2",
         "act",
+        "output",
     ]
     # Each act1 sees its block's input width and resolution, each act2 the block's output.
     assert [s.shape for s in found] == [
