@@ -101,6 +101,7 @@ def test_sites_shapes_wrn_10_1() -> None:
         (32, 16, 16),
         (64, 8, 8),
         (64, 8, 8),
+        (100,),  # the output: the logits
     ]
 
 
