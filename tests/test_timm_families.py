@@ -105,7 +105,7 @@ def resnet18() -> nn.Module:
 
 
 def middle_site(model: nn.Module, shape: tuple[int, ...]) -> str:
-    offered = graftnet.sites(model, input_shape=shape)
+    offered = [s for s in graftnet.sites(model, input_shape=shape) if s.kind != "output"]  # activations only
     assert offered, "graftnet.sites offers no activation"
     return offered[len(offered) // 2].name
 
