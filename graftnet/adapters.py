@@ -108,9 +108,9 @@ def _is_map(shape: Shape) -> bool:
 class MoveChannels(nn.Module):
     """Move the channel axis of a batch between last and first (channels-last map ↔ channels-first map)."""
 
-    def __init__(self, rank: int, to_first: bool) -> None:
+    def __init__(self, to_first: bool) -> None:
         super().__init__()
-        self.rank, self.to_first = rank, to_first  # rank: of one sample
+        self.to_first = to_first
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return t.movedim(-1, 1) if self.to_first else t.movedim(1, -1)
@@ -156,7 +156,7 @@ class MapToTokens(nn.Module):
 def _as_map(shape: Shape, layout: Layout) -> tuple[Shape, nn.Module | None]:
     """The channels-first map shape a tensor of ``layout`` reads as, and the module that turns it into one."""
     if layout.kind == CHANNELS_LAST:
-        return (shape[-1], *shape[:-1]), MoveChannels(len(shape), to_first=True)
+        return (shape[-1], *shape[:-1]), MoveChannels(to_first=True)
     if layout.kind == TOKENS:
         assert layout.grid is not None
         return (shape[-1], *layout.grid), TokensToMap(layout.grid, layout.prefix)
@@ -168,7 +168,7 @@ def _as_map(shape: Shape, layout: Layout) -> tuple[Shape, nn.Module | None]:
 def _from_map(shape: Shape, layout: Layout) -> nn.Module | None:
     """The module that turns the channels-first map :func:`_as_map` gives for ``(shape, layout)`` back into it."""
     if layout.kind == CHANNELS_LAST:
-        return MoveChannels(len(shape), to_first=False)
+        return MoveChannels(to_first=False)
     if layout.kind == TOKENS:
         return MapToTokens(layout.prefix)
     if layout.grid is not None:

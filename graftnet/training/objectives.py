@@ -601,17 +601,18 @@ class KnowledgeFlow(Objective):
     def loss(self, x: torch.Tensor, y: torch.Tensor, progress: float | None = None) -> StepLoss:
         with self.model.reusing_teacher_features():
             logits = logits_of(self.forward(x))
-            task = F.cross_entropy(logits, y)
             terms, parts = self.regularizer(x, logits, progress)
-        total = task
         if self.kd is not None and self.distill_from is not None:
             with torch.no_grad():
                 teacher = logits_of(self.in_precision(self.distill_from, x))
             total = kd_loss(logits, teacher, y, self.kd.temperature, self.kd.alpha)
+            task = F.cross_entropy(logits.detach(), y)  # reported only: the KD loss holds its own cross-entropy
             parts["kd_loss"] = total.detach()
+        else:
+            total = task = F.cross_entropy(logits, y)
         for term in terms:
             total = total + term
-        return StepLoss(total, {"task_loss": task.detach() if self.kd is not None else task, **parts}, logits)
+        return StepLoss(total, {"task_loss": task, **parts}, logits)
 
     def before_step(self) -> None:
         if self.snapshot is not None and self.steps % self.settings.kl_lag == 0:
