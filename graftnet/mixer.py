@@ -53,21 +53,28 @@ class _Mix(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         coeffs, *inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         grad_coeffs = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             flat = full_precision(grad.reshape(-1))  # half-precision dots lose digits, and CPUs run them 100× slower
-            dots = [torch.dot(flat, u.reshape(-1).to(flat.dtype)) for u in inputs]
-            grad_coeffs = torch.stack(dots).to(coeffs.dtype)
-        grads = [grad * coeffs[k] if ctx.needs_input_grad[k + 1] else None for k in range(len(inputs))]
+            dots = [torch.dot(flat, u.reshape(-1) if u.dtype == flat.dtype else u.reshape(-1).to(flat.dtype))
+                    for u in inputs]  # fmt: skip
+            grad_coeffs = torch.stack(dots)
+            if grad_coeffs.dtype != coeffs.dtype:
+                grad_coeffs = grad_coeffs.to(coeffs.dtype)
+        c = coeffs.unbind() if any(needs[1:]) else ()
+        grads = [grad * c[k] if needs[k + 1] else None for k in range(len(inputs))]
         return (grad_coeffs, *grads)
 
 
 def _accumulate(coeffs: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ_k c_k·u_k into one new tensor, in place after the first product."""
-    dtype = functools.reduce(torch.promote_types, [u.dtype for u in inputs])  # as z + u would give
-    out = inputs[0].to(dtype) * coeffs[0]
+    c = coeffs.unbind()  # one call for every coefficient: indexing costs a dispatch each
+    first = inputs[0]
+    dtype = functools.reduce(torch.promote_types, [u.dtype for u in inputs[1:]], first.dtype)  # as z + u would give
+    out = (first if first.dtype == dtype else first.to(dtype)) * c[0]
     for k in range(1, len(inputs)):
-        out.addcmul_(inputs[k], coeffs[k])
+        out.addcmul_(inputs[k], c[k])
     return out
 
 
@@ -145,6 +152,7 @@ class Mixer(nn.Module):
         # calibrated are two graphs, not one per batch count.
         self._seen = 0
         self._calibrating = rescale_taps and calibration_batches > 0
+        self._kept_fold_scales: tuple[torch.Tensor, tuple[int, int, bool], torch.Tensor] | None = None
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -189,15 +197,36 @@ class Mixer(nn.Module):
                 self._seen += 1
                 self._calibrating = self._seen < self.calibration_batches
         coeffs = self.p_w()
-        if self._folds:  # all coefficients in three small ops, not two per tap and a stack
-            scales = torch.cat([self.tap_scale.new_ones(1), self.tap_scale])
-            coeffs = coeffs * torch.where(self.fold_mask, scales, torch.ones_like(scales))
+        if self._folds:
+            coeffs = coeffs * self._fold_scales()
         inputs = [z]
         for i, (adapter, t) in enumerate(zip(self.adapters, taps, strict=True)):
             if self.rescale_taps and not self._folded[i + 1]:
                 t = t * self.tap_scale[i]
-            inputs.append(adapter(t))
+            inputs.append(t if type(adapter) is nn.Identity else adapter(t))  # skip a module call that does nothing
         return mix(coeffs, inputs)
+
+    def _fold_scales(self) -> torch.Tensor:
+        """``(1, s_1 or 1, …)``: the tap scales folded into the coefficients, 1 for the student and unfolded taps.
+
+        Built in four small ops, so it is kept until ``tap_scale`` changes: it is a buffer, written in place only
+        (calibration, ``load_state_dict``, θ_old's copies), which bumps its version, or replaced (``.to()``), which
+        changes the tensor. The kept tensor is never written, so a graph that saved it for backward stays valid.
+        Compiled graphs build it (a compiled graph reads no host-side cache).
+        """
+        scale = self.tap_scale
+        if torch.compiler.is_compiling():
+            return self._build_fold_scales(scale)
+        key = (scale._version, scale.data_ptr(), torch.is_inference_mode_enabled())
+        kept = self._kept_fold_scales
+        if kept is None or kept[0] is not scale or kept[1] != key:
+            kept = (scale, key, self._build_fold_scales(scale))
+            self._kept_fold_scales = kept
+        return kept[2]
+
+    def _build_fold_scales(self, scale: torch.Tensor) -> torch.Tensor:
+        scales = torch.cat([scale.new_ones(1), scale])
+        return torch.where(self.fold_mask, scales, torch.ones_like(scales))
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)

@@ -212,3 +212,43 @@ def test_fit_with_fp16_checkpoints_the_gradient_scaler(tmp_path: Any) -> None:
     with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert any(k.endswith("grad_scaler.scale") for k in keys), keys[:20]  # a resume keeps the loss scale
+
+
+def _reference_mix(mixer: graftnet.Mixer, z: torch.Tensor, *taps: torch.Tensor) -> torch.Tensor:
+    """The mixer's formula written out: p_0·z + Σ_l p_l·Q_l(s_l·t_l)."""
+    p = torch.softmax(mixer.logits.detach(), 0)
+    out = p[0] * z
+    for k, (adapter, t) in enumerate(zip(mixer.adapters, taps, strict=True)):
+        out = out + p[k + 1] * adapter(mixer.tap_scale[k] * t)
+    return out
+
+
+def test_the_kept_fold_scales_follow_every_change_of_the_tap_scales() -> None:
+    """The folded tap scales are kept between calls (they cost four small ops to build), so every way the tap
+    scales change must reach the next call: calibration, load_state_dict, an in-place copy, a device or dtype
+    move, and inference mode (whose tensors cannot be saved for a later backward)."""
+    torch.manual_seed(0)
+    mixer = graftnet.Mixer("act", ["a:act", "b:act"], [torch.nn.Identity(), torch.nn.Linear(4, 4)],
+                           calibration_batches=2)  # fmt: skip
+    z, t1, t2 = torch.randn(3, 4), torch.randn(3, 4), 5 * torch.randn(3, 4)
+    with torch.no_grad():
+        mixer.train()
+        for _ in range(3):  # calibration changes the scales on every call, then stops
+            before = mixer.tap_scale.clone()
+            out = mixer(z, t1, t2)
+            assert torch.allclose(out, _reference_mix(mixer, z, t1, t2), atol=1e-6)
+        assert not torch.equal(before, torch.ones(2))
+        mixer.load_state_dict({**mixer.state_dict(), "tap_scale": torch.tensor([0.25, 4.0])})
+        assert torch.allclose(mixer(z, t1, t2), _reference_mix(mixer, z, t1, t2), atol=1e-6)
+        mixer.tap_scale.copy_(torch.tensor([2.0, 0.5]))
+        assert torch.allclose(mixer(z, t1, t2), _reference_mix(mixer, z, t1, t2), atol=1e-6)
+        mixer.double()
+        out = mixer(z.double(), t1.double(), t2.double())
+        assert out.dtype == torch.float64
+        assert torch.allclose(out, _reference_mix(mixer, z.double(), t1.double(), t2.double()), atol=1e-12)
+        mixer.float()
+    with torch.inference_mode():
+        mixer(z, t1, t2)
+    zg = z.clone().requires_grad_()
+    mixer(zg, t1, t2).sum().backward()  # would fail on a scale tensor made in inference mode
+    assert mixer.logits.grad is not None and torch.isfinite(mixer.logits.grad).all()
