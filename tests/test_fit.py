@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from _tiny import CNN, SITES, pair_and_batch, take_steps
+from _tiny import cnn as _cnn
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,14 +21,6 @@ import graftnet
 from graftnet import TrainingError
 from graftnet.cli import main
 from graftnet.training.evaluation import evaluate, logits_of
-
-CNN = {"num_classes": 3, "channels": [8, 8]}
-SITES = [{"student": f"features.act{i}", "taps": [f"t:features.act{i}"]} for i in (1, 2)]
-
-
-def _cnn(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return graftnet.build_model("graftnet:cnn1d", CNN)
 
 
 def _data(n: int, seed: int) -> TensorDataset:
@@ -136,18 +130,11 @@ def test_labels_the_student_cannot_output_are_a_named_error(tmp_path: Path) -> N
 
 
 def test_your_own_loop_with_the_objective_matches_the_eq4_loss() -> None:
-    student, teacher = _cnn(0), _cnn(1)
-    x, y = torch.randn(16, 1, 40), torch.randint(0, 3, (16,))
-    g = graftnet.graft(student, {"t": teacher}, {"sites": SITES}, example_input=x[:2])
+    student, _, g, x, y = pair_and_batch()
     kf = graftnet.KnowledgeFlow(g, {"lr": 1e-2, "lambda2": 0.5, "cut_teachers_at": 0.5}, total_steps=4)
     names = [group["name"] for group in kf.param_groups()]
     assert names == ["student", "mixing", "adapters"] or names == ["student", "mixing"]
-    opt = torch.optim.Adam(kf.param_groups())
-    for _ in range(2):
-        loss = kf.loss(x, y)
-        opt.zero_grad()
-        loss.total.backward()
-        kf.step(opt)
+    take_steps(kf, x, y)
     loss = kf.loss(x, y)
     lam1 = kf.lambda1()
     by_hand = loss.parts["task_loss"] + lam1 * loss.parts["dep_loss"] + 0.5 * loss.parts["kl_loss"]

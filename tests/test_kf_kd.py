@@ -7,33 +7,21 @@ from typing import Any
 
 import pytest
 import torch
+from _tiny import SITES, pair_and_batch, take_steps
+from _tiny import cnn as _cnn
 from torch.utils.data import TensorDataset
 
 import graftnet
 from graftnet import SpecError, TrainingError
 from graftnet.losses import kd_loss
 
-CNN = {"num_classes": 3, "channels": [8, 8]}
-SITES = [{"student": f"features.act{i}", "taps": [f"t:features.act{i}"]} for i in (1, 2)]
 KD = {"teacher": "t", "temperature": 4.0, "alpha": 0.7, "with_knowledge_flow": True}
 
 
-def _cnn(seed: int, classes: int = 3) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return graftnet.build_model("graftnet:cnn1d", {**CNN, "num_classes": classes})
-
-
 def test_the_task_loss_becomes_the_kd_loss_and_the_rest_is_knowledge_flow() -> None:
-    student, teacher = _cnn(0), _cnn(1)
-    x, y = torch.randn(16, 1, 40), torch.randint(0, 3, (16,))
-    g = graftnet.graft(student, {"t": teacher}, {"sites": SITES}, example_input=x[:2])
+    student, teacher, g, x, y = pair_and_batch()
     kf = graftnet.KnowledgeFlow(g, {"lr": 1e-2, "lambda2": 0.5, "kd": KD}, total_steps=4, distill_from=teacher)
-    opt = torch.optim.Adam(kf.param_groups())
-    for _ in range(2):
-        loss = kf.loss(x, y)
-        opt.zero_grad()
-        loss.total.backward()
-        kf.step(opt)
+    take_steps(kf, x, y)
     loss = kf.loss(x, y)
     with torch.no_grad():
         want_kd = kd_loss(loss.logits, teacher.eval()(x), y, 4.0, 0.7)
