@@ -215,10 +215,10 @@ def main() -> None:
               + (f"  [{kept}]" if kept else ""))
     print("  case                       ratio  limit  of limit  teachers/update  teacher calls/rollout  "
           "collection overhead/env step")
+    plains = [T * N / r for r in rates["plain A2C"]]  # plain A2C's time per update, round by round
     for name in work:
         # each round's ratio against its own limit, then the median: the machine's speed drifts between rounds
         # (plain A2C alone ranges over ±30% across runs), and a ratio of medians taken apart mixes rounds
-        plains = [T * N / r for r in rates["plain A2C"]]
         of_limit = statistics.median((rate / rates["plain A2C"][i]) / (plains[i] / (plains[i] + required[name][i]))
                                      for i, rate in enumerate(rates[name]))  # fmt: skip
         ratio = med[name] / med["plain A2C"]
