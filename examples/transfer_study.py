@@ -18,6 +18,7 @@ analogue (examples/README.md) covers it. Every method's learning rate is chosen 
 student alone, and p_w(student) per site when the teachers were cut.
 
 Run:  python examples/transfer_study.py [--out runs/transfer] [--labels 50 250] [--seeds 3] [--jobs 2]
+      python examples/transfer_study.py --out runs/transfer_sgd --optimizer sgd --lrs 0.01 0.03 0.1
       python examples/transfer_study.py --out runs/transfer_nofloor --teachers-from runs/transfer \
           --methods knowledge_flow --set train.p_w_floor=null      # a variant of the defaults
 Writes OUT/results.md (and a copy of the table to stdout), OUT/results.json, and every tune's folder.
@@ -92,9 +93,9 @@ def train_teachers(out: Path, samples: int, epochs: int) -> None:
         print(f"teacher {name}: test error {r.test_error:.2f}% on its source task", flush=True)
 
 
-def job_spec(job: Job, out: Path, samples: int, epochs: int) -> dict[str, Any]:
+def job_spec(job: Job, out: Path, samples: int, epochs: int, optimizer: str = "adam") -> dict[str, Any]:
     spec: dict[str, Any] = {"student": CNN, "data": _data([0, 1, 2, 3, 4], job.labels, False, samples)}
-    train: dict[str, Any] = {"method": job.method, "epochs": epochs, "threads": 1}
+    train: dict[str, Any] = {"method": job.method, "epochs": epochs, "optimizer": optimizer, "threads": 1}
     teachers = SCENARIOS[job.scenario][0] if job.method != "scratch" else []
     if job.method == "finetune":
         spec["teachers"] = {"t": {**TEACHERS[teachers[0]][0], "weights": _teacher_weights(out, teachers[0])}}
@@ -110,10 +111,17 @@ def job_spec(job: Job, out: Path, samples: int, epochs: int) -> dict[str, Any]:
 
 
 def run_job(
-    job: Job, out: str, samples: int, epochs: int, lrs: list[float], seeds: int, kf_settings: dict[str, Any]
+    job: Job,
+    out: str,
+    samples: int,
+    epochs: int,
+    lrs: list[float],
+    seeds: int,
+    kf_settings: dict[str, Any],
+    optimizer: str = "adam",
 ) -> dict[str, Any]:
     out_dir = Path(out)
-    spec = job_spec(job, out_dir, samples, epochs)
+    spec = job_spec(job, out_dir, samples, epochs, optimizer)
     if job.method in ("knowledge_flow", "control") and kf_settings:
         spec = override_spec(spec, kf_settings).model_dump(mode="json")
     r = graftnet.tune(spec, {"train.lr": lrs}, out_dir / job.name, seeds=seeds, label=job.method,
@@ -171,6 +179,9 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=20)
     parser.add_argument("--samples", type=int, default=10000, help="MNIST-1D samples generated")
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                        help="every student's optimizer (the teachers are trained with Adam either way); with sgd "
+                        "pass larger --lrs, e.g. 0.01 0.03 0.1")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2, help="tunes at a time (one thread each)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--methods", nargs="+", default=list(LABELS), choices=[m for m in LABELS if m != "kd"])
@@ -193,7 +204,8 @@ def main() -> None:
             methods = (["finetune"] if can_finetune else []) + ["knowledge_flow", "control"]
             jobs += [Job(scenario, m, n) for m in methods if m in args.methods]
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_job, j, str(out), args.samples, args.epochs, args.lrs, args.seeds, kf_settings)
+        futures = [pool.submit(run_job, j, str(out), args.samples, args.epochs, args.lrs, args.seeds, kf_settings,
+                               args.optimizer)
                    for j in jobs]  # fmt: skip
         results = []
         for job, future in zip(jobs, futures, strict=True):
@@ -201,8 +213,8 @@ def main() -> None:
             print(f"done {job.name}: test {mean_std(results[-1]['test'])}", flush=True)
     stamp = ", ".join(f"{k} {v}" for k, v in versions().items())
     header = [f"Command: `{command_line()}`", "", f"Versions: {stamp}", "",
-              f"Test error (%) of the exported student alone, mean ± std over {args.seeds} seeds; learning rate "
-              f"chosen on validation by graftnet tune over {args.lrs}.", ""]  # fmt: skip
+              f"Test error (%) of the exported student alone, mean ± std over {args.seeds} seeds; {args.optimizer}, "
+              f"learning rate chosen on validation by graftnet tune over {args.lrs}.", ""]  # fmt: skip
     lines = header + table(results, args.labels)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))

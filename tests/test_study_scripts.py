@@ -41,6 +41,9 @@ def test_every_transfer_study_spec_validates(tmp_path: Path) -> None:
             assert set(spec.teachers) == ({"t"} if method == "finetune" else set(teachers))
             if method == "control":
                 assert all(t.weights is None for t in spec.teachers.values())
+            assert spec.train.optimizer == "adam"
+            sgd = load_spec(m.job_spec(m.Job(scenario, method, 50), tmp_path, 1000, 2, optimizer="sgd"))
+            assert sgd.train.optimizer == "sgd"  # --optimizer reaches every method's student
     assert load_spec(m.job_spec(m.Job("-", "scratch", 50), tmp_path, 1000, 2)).teachers == {}
 
 
