@@ -254,6 +254,41 @@ class GraftedModel(nn.Module):
         terms = [torch.log_softmax(full_precision(m.logits), dim=0)[0] for m in mixers]
         return -torch.stack(terms).mean()
 
+    def keep_feature_hints(self, keep: bool = True) -> None:
+        """While on, every training pass with autograd leaves each site's feature hint for
+        :meth:`feature_hint_loss` (``train.feature_hint`` turns it on)."""
+        for mixer in self.mixers.values():
+            mixer.keeps_hint, mixer.hint_loss = keep, None
+
+    def feature_hint_loss(self) -> torch.Tensor:
+        """The feature hint of the last training pass: the mean over sites of mean_l mean((z − sg(Q_l(s_l·t_l)))²),
+        the distance from each site's pre-activation to its adapted taps (teachers' side detached). It is handed
+        over once: a second call without a new pass raises, so a stale hint cannot be added twice.
+
+        Examples:
+            >>> import graftnet, torch
+            >>> net = lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            >>> g = graftnet.graft(net(), {"t": net()}, {"sites": [{"student": "1", "taps": ["t:1"]}]},
+            ...                    example_input=torch.zeros(1, 4))
+            >>> g.keep_feature_hints()
+            >>> _ = g(torch.randn(3, 4))
+            >>> g.feature_hint_loss().shape
+            torch.Size([])
+        """
+        mixers = list(self.mixers.values())
+        if not mixers:
+            return torch.zeros(())
+        hints = [m.hint_loss for m in mixers]
+        if any(h is None for h in hints):
+            missing = [m.site for m, h in zip(mixers, hints, strict=True) if h is None]
+            raise GraftError(
+                f"no feature hint at {', '.join(missing)}: call keep_feature_hints() and then the model in training "
+                "mode with autograd on, once per feature_hint_loss()"
+            )
+        for m in mixers:
+            m.hint_loss = None
+        return torch.stack([h for h in hints if h is not None]).mean()
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_compiled"] = {}  # generated functions are rebuilt from the graphs when the copy is made

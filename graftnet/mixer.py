@@ -153,6 +153,10 @@ class Mixer(nn.Module):
         self._seen = 0
         self._calibrating = rescale_taps and calibration_batches > 0
         self._kept_fold_scales: tuple[torch.Tensor, tuple[int, int, bool], torch.Tensor] | None = None
+        # Set by GraftedModel.keep_feature_hints(): each training pass with autograd then leaves its feature hint,
+        # the mean squared distance from z to every adapted tap, in ``hint_loss``.
+        self.keeps_hint = False
+        self.hint_loss: torch.Tensor | None = None
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -204,7 +208,21 @@ class Mixer(nn.Module):
             if self.rescale_taps and not self._folded[i + 1]:
                 t = t * self.tap_scale[i]
             inputs.append(t if type(adapter) is nn.Identity else adapter(t))  # skip a module call that does nothing
+        if self.keeps_hint and self.training and torch.is_grad_enabled():
+            self.hint_loss = self._hint(z, inputs[1:])
         return mix(coeffs, inputs)
+
+    def _hint(self, z: torch.Tensor, adapted: Sequence[torch.Tensor]) -> torch.Tensor:
+        """mean_l mean((z − u_l)²) over the adapted taps u_l = Q_l(s_l·t_l), the teachers' side detached: it
+        teaches the student's own layers to produce what the teachers give the site, so that handing the site
+        back to the student loses less (examples/README.md, "Feature hints")."""
+        z = full_precision(z)
+        terms = []
+        for i, u in enumerate(adapted):
+            if self._folded[i + 1]:  # an identity adapter's scale is in its coefficient, not yet in the tap
+                u = u * self.tap_scale[i]
+            terms.append(torch.mean((z - full_precision(u.detach())) ** 2))
+        return torch.stack(terms).mean()
 
     def _fold_scales(self) -> torch.Tensor:
         """``(1, s_1 or 1, …)``: the tap scales folded into the coefficients, 1 for the student and unfolded taps.
@@ -227,6 +245,11 @@ class Mixer(nn.Module):
     def _build_fold_scales(self, scale: torch.Tensor) -> torch.Tensor:
         scales = torch.cat([scale.new_ones(1), scale])
         return torch.where(self.fold_mask, scales, torch.ones_like(scales))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = {**state, "hint_loss": None}  # a pass's hint holds its autograd graph: never copied or pickled
+        return state
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)

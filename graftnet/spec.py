@@ -482,6 +482,12 @@ class TrainSpec(_Strict):
     lambda1: Lambda1Spec = Field(default_factory=Lambda1Spec)
     lambda2: float = Field(0.1, ge=0.0, description="Weight of KL(f_θ ‖ f_θold), the paper's λ2.")
     kl_lag: int = Field(1, ge=1, description="θ_old is refreshed every kl_lag optimiser steps (1: the step before).")
+    feature_hint: float = Field(
+        0.0, ge=0.0,
+        description="Weight of the feature hint (knowledge_flow, until the cut): the mean squared distance from each "
+        "site's pre-activation to its adapted taps, teachers' side detached, so the student's own layers learn what "
+        "the teachers give the site (0: the paper's objective).",
+    )  # fmt: skip
     cut_teachers_at: float | None = Field(
         0.7, gt=0.0, le=1.0,
         description="Fraction of training after which teachers are removed and the plain student trains on "

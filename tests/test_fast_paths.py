@@ -65,6 +65,9 @@ def check_one_graph_in_every_pass(build: Any) -> None:
         g(x)
         assert _breaks(kf.snapshot.shadow, x) == [], "θ_old pass"
     assert _breaks(g, x) == [], "train"
+    g.keep_feature_hints()
+    assert _breaks(g, x) == [], "train, keeping the feature hints"
+    g.keep_feature_hints(False)
     g.eval()
     with torch.no_grad():
         assert _breaks(g, x) == [], "eval"
@@ -104,6 +107,14 @@ def test_compiled_knowledge_flow_trains_like_eager() -> None:
     eager, _ = _kf_steps({})
     compiled, kf = _kf_steps({"compile": True})
     assert kf._compiled is not None and kf._compiled[0] is kf.model  # the model really ran compiled
+    for e, c in zip(eager, compiled, strict=True):
+        assert c == pytest.approx(e, rel=1e-4, abs=1e-5)
+
+
+def test_compiled_knowledge_flow_with_the_feature_hint_trains_like_eager() -> None:
+    eager, _ = _kf_steps({"feature_hint": 1.0})
+    compiled, _ = _kf_steps({"feature_hint": 1.0, "compile": True})
+    assert all(e["hint_loss"] > 0 for e in eager)
     for e, c in zip(eager, compiled, strict=True):
         assert c == pytest.approx(e, rel=1e-4, abs=1e-5)
 

@@ -38,7 +38,7 @@ INPUTS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def _spec(adapters: dict[str, str], lambda2: float = 0.1, **rl: Any) -> graftnet.Spec:
+def _spec(adapters: dict[str, str], lambda2: float = 0.1, feature_hint: float = 0.0, **rl: Any) -> graftnet.Spec:
     """Teachers named by ``adapters``: 'learned' gives one a learned 1×1 input adapter (to 6 channels), 'none' no
     input adapter and 'fixed' a normalization (both take the student's 4 channels). Every teacher is tapped at
     the conv layer and the dense layer."""
@@ -50,7 +50,8 @@ def _spec(adapters: dict[str, str], lambda2: float = 0.1, **rl: Any) -> graftnet
         "student": _net(4, 3),
         "input_shape": [4, 10, 10],
         "rl": {"env": ENV, "num_envs": N, "rollout": T, "frames": 800, "log_every": 400, "eval_episodes": 1, **rl},
-        "train": {"method": "knowledge_flow", "lr": 1e-3, "threads": 1, "lambda2": lambda2},
+        "train": {"method": "knowledge_flow", "lr": 1e-3, "threads": 1, "lambda2": lambda2,
+                  "feature_hint": feature_hint},
         "teachers": teachers,
         "sites": [{"student": s, "taps": [f"{name}:{s}" for name in adapters]} for s in ("features.1", "act")],
     })  # fmt: skip
@@ -114,8 +115,11 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def test_fixed_adapter_teachers_run_only_during_collection_and_the_loss_is_unchanged(agent: Build) -> None:
-    spec = _spec({"breakout": "none", "asterix": "fixed"})
+@pytest.mark.parametrize("feature_hint", [0.0, 0.5], ids=["paper objective", "feature hint"])
+def test_fixed_adapter_teachers_run_only_during_collection_and_the_loss_is_unchanged(
+    agent: Build, feature_hint: float
+) -> None:
+    spec = _spec({"breakout": "none", "asterix": "fixed"}, feature_hint=feature_hint)
     method, collector, optimizer = agent(spec)
     g = method.grafted
     assert spec.rl is not None
@@ -142,6 +146,7 @@ def test_fixed_adapter_teachers_run_only_during_collection_and_the_loss_is_uncha
         parts, grads = _loss_and_grads(recomputing, plain, spec)
     assert calls == {"breakout": 2, "asterix": 2}  # the bootstrap pass and the update's forward (θ_old reuses)
     assert float(parts["kl_loss"]) > 0 and set(grads) == set(cached_grads)
+    assert ("hint_loss" in parts) == (feature_hint > 0) and float(parts.get("hint_loss", 1.0)) > 0
     _assert_same(cached_parts, parts)
     _assert_same(cached_grads, grads)
 

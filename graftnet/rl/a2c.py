@@ -24,7 +24,7 @@ from graftnet.training.objectives import Objective
 
 __all__ = ["Collector", "Rollout", "a2c_loss", "a2c_update", "n_step_returns", "policy_and_value"]
 
-LOSS_PARTS = ("loss", "policy_loss", "value_loss", "entropy", "dep_loss", "kl_loss")
+LOSS_PARTS = ("loss", "policy_loss", "value_loss", "entropy", "dep_loss", "kl_loss", "hint_loss")
 
 
 def policy_and_value(out: object) -> tuple[torch.Tensor, torch.Tensor]:

@@ -509,7 +509,9 @@ class KnowledgeFlow(Objective):
     λ1(t) follows ``lambda1`` (0, then a ramp to its final value); θ_old is a snapshot of every trainable
     parameter (student, w, Q) refreshed before each optimizer step (every ``kl_lag`` steps), and the KL pass
     reuses the batch's teacher taps and dropout masks. With ``cut_teachers_at`` the teachers are removed at
-    that fraction of training and the plain student trains on (:meth:`maybe_cut`).
+    that fraction of training and the plain student trains on (:meth:`maybe_cut`). With ``feature_hint`` > 0 it adds
+    that weight times the feature hint (:meth:`GraftedModel.feature_hint_loss`) until the cut: not in the paper,
+    and what makes knowledge flow pay off in graftnet's transfer study (examples/README.md, "Feature hints").
 
     With ``train.kd.with_knowledge_flow`` the task loss is Hinton's KD loss against ``distill_from`` (a whole
     teacher with the target's output space): the student also matches that teacher's softened outputs, after the
@@ -536,6 +538,8 @@ class KnowledgeFlow(Objective):
         self.model: GraftedModel = model
         self.snapshot = ParameterSnapshot(model, compile=self.settings.compile) if self.settings.lambda2 > 0 else None
         self._rng: RngState | None = None
+        if self.settings.feature_hint > 0:
+            model.keep_feature_hints()
         kd = self.settings.kd
         self.kd = kd if kd is not None and kd.with_knowledge_flow else None
         if self.kd is not None and not isinstance(distill_from, nn.Module):
@@ -582,14 +586,19 @@ class KnowledgeFlow(Objective):
     def regularizer(
         self, x: torch.Tensor, logits: torch.Tensor, progress: float | None = None, head: Head = logits_of
     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """λ1(t)·ℓ_dep (until the cut) and λ2·KL(f_θ ‖ f_θold). Call within ``model.reusing_teacher_features()``
-        after :meth:`forward` on the same ``x``, so the θ_old pass reuses the teachers' taps."""
+        """λ1(t)·ℓ_dep and, with ``feature_hint``, its weight times the feature hint (both until the cut), and
+        λ2·KL(f_θ ‖ f_θold). Call within ``model.reusing_teacher_features()`` after :meth:`forward` on the same
+        ``x``, so the θ_old pass reuses the teachers' taps (and the hint is this pass's)."""
         terms: list[torch.Tensor] = []
         parts: dict[str, torch.Tensor] = {}
         if not self.cut:
             dep = self.model.dependency_loss()
             parts["dep_loss"] = dep
             terms.append(self.lambda1(progress) * dep)
+            if self.settings.feature_hint > 0:
+                hint = self.model.feature_hint_loss()
+                parts["hint_loss"] = hint
+                terms.append(self.settings.feature_hint * hint)
         if self.snapshot is not None:
             snapshot, rng = self.snapshot, self._rng
             old = self.in_precision(lambda x: snapshot.outputs(self.model, x, rng), x)

@@ -40,10 +40,10 @@ from graftnet.training.state import SavedRun, load_run, resume_from, save_run, s
 __all__ = ["METRIC_COLUMNS", "fit"]
 
 METRIC_COLUMNS = [
-    "epoch", "step", "lr", "lambda1", "loss", "task_loss", "dep_loss", "kl_loss", "kd_loss",
+    "epoch", "step", "lr", "lambda1", "loss", "task_loss", "dep_loss", "kl_loss", "kd_loss", "hint_loss",
     "train_acc", "val_loss", "val_acc", "teachers_cut", "seconds",
 ]  # fmt: skip
-_LOSS_PARTS = ("loss", "task_loss", "dep_loss", "kl_loss", "kd_loss")
+_LOSS_PARTS = ("loss", "task_loss", "dep_loss", "kl_loss", "kd_loss", "hint_loss")
 _SUMS = ("n", "correct", *_LOSS_PARTS)  # what an epoch's metrics add up over batches (and processes)
 
 Data = Dataset[Any] | DataLoader[Any]
