@@ -248,7 +248,8 @@ class Mixer(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state = {**state, "hint_loss": None}  # a pass's hint holds its autograd graph: never copied or pickled
+        # a pass's hint holds its autograd graph: copies and saved states go without it
+        state = {**state, "hint_loss": None}
         return state
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
