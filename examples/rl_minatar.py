@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--methods", nargs="+", choices=list(STUDENTS), default=list(STUDENTS), metavar="LABEL",
                         help="the students to train (default all): " + "; ".join(STUDENTS))  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a spec override for the knowledge-flow students, e.g. --set train.feature_hint=0.3: a "
+                        "variant, in its own --runs")  # fmt: skip
     args = parser.parse_args()
     students = {label: STUDENTS[label] for label in args.methods}
     experts = any("expert" in spec for spec, _ in students.values())
@@ -76,6 +79,7 @@ def main() -> None:
                 _train, spec, runs / f"{method}_{Path(spec).stem.split('_')[-1]}_seed{seed}",
                 f"train.method={method}", f"train.seed={seed}", f"rl.frames={args.frames}",
                 f"train.label={label}", *(_teacher_weights(spec, runs) if method != "scratch" else []),
+                *(args.set if method == "knowledge_flow" else []),
             )
             for seed in args.seeds
             for label, (spec, method) in students.items()
