@@ -20,6 +20,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from graftnet.provenance import command_line, versions
+
 SPECS = Path(__file__).resolve().parents[1] / "specs" / "rl"
 TEACHERS = {
     "teacher_breakout": "minatar_teacher_breakout.yaml",
@@ -85,7 +87,10 @@ def main() -> None:
             for label, (spec, method) in students.items()
         }  # fmt: skip
         results = {key: job.result() for key, job in jobs.items()}
+    stamp = ", ".join(f"{k} {v}" for k, v in versions().items())
     lines = [
+        f"Command: `{command_line()}`; {stamp}.",
+        "",
         f"Detached students on MinAtar SpaceInvaders-v1 after {args.frames:,} frames: mean return of "
         f"{len(next(iter(results.values()))['eval_returns'])} evaluation episodes, then mean ± std over seeds "
         f"{args.seeds}.",
