@@ -278,16 +278,16 @@ class GraftedModel(nn.Module):
         mixers = list(self.mixers.values())
         if not mixers:
             return torch.zeros(())
-        hints = [m.hint_loss for m in mixers]
-        if any(h is None for h in hints):
-            missing = [m.site for m, h in zip(mixers, hints, strict=True) if h is None]
+        hints = [m.hint_loss for m in mixers if m.hint_loss is not None]
+        if len(hints) < len(mixers):
+            missing = [m.site for m in mixers if m.hint_loss is None]
             raise GraftError(
                 f"no feature hint at {', '.join(missing)}: call keep_feature_hints() and then the model in training "
                 "mode with autograd on, once per feature_hint_loss()"
             )
         for m in mixers:
             m.hint_loss = None
-        return torch.stack([h for h in hints if h is not None]).mean()
+        return torch.stack(hints).mean()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

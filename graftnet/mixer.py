@@ -247,10 +247,8 @@ class Mixer(nn.Module):
         return torch.where(self.fold_mask, scales, torch.ones_like(scales))
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
         # a pass's hint holds its autograd graph: copies and saved states go without it
-        state = {**state, "hint_loss": None}
-        return state
+        return {**super().__getstate__(), "hint_loss": None}
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
