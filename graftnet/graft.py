@@ -261,9 +261,11 @@ class GraftedModel(nn.Module):
             mixer.keeps_hint, mixer.hint_loss = keep, None
 
     def feature_hint_loss(self) -> torch.Tensor:
-        """The feature hint of the last training pass: the mean over sites of mean_l mean((z − sg(Q_l(s_l·t_l)))²),
-        the distance from each site's pre-activation to its adapted taps (teachers' side detached). It is handed
-        over once: a second call without a new pass raises, so a stale hint cannot be added twice.
+        """The feature hint of the last training pass: the mean over sites of mean_l mean((z − Q_l(s_l·t_l))²),
+        the distance from each site's pre-activation to its adapted taps. Its gradient trains the student and the
+        learned adapters Q_l (the hint's regressors), never what is behind a tap (the frozen teacher, its input
+        adapter). It is handed over once: a second call without a new pass raises, so a stale hint cannot be added
+        twice.
 
         Examples:
             >>> import graftnet, torch

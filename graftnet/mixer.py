@@ -209,19 +209,28 @@ class Mixer(nn.Module):
                 t = t * self.tap_scale[i]
             inputs.append(t if type(adapter) is nn.Identity else adapter(t))  # skip a module call that does nothing
         if self.keeps_hint and self.training and torch.is_grad_enabled():
-            self.hint_loss = self._hint(z, inputs[1:])
+            self.hint_loss = self._hint(z, taps, inputs[1:])
         return mix(coeffs, inputs)
 
-    def _hint(self, z: torch.Tensor, adapted: Sequence[torch.Tensor]) -> torch.Tensor:
-        """mean_l mean((z − u_l)²) over the adapted taps u_l = Q_l(s_l·t_l), the teachers' side detached: it
-        teaches the student's own layers to produce what the teachers give the site, so that handing the site
-        back to the student loses less (examples/README.md, "Feature hints")."""
+    def _hint(self, z: torch.Tensor, taps: Sequence[torch.Tensor], adapted: Sequence[torch.Tensor]) -> torch.Tensor:
+        """mean_l mean((z − u_l)²) over the adapted taps u_l = Q_l(s_l·t_l): it teaches the student's own layers
+        to produce what the teachers give the site, so that handing the site back to the student loses less
+        (examples/README.md, "Feature hints"). A learned adapter Q_l trains on it too, as the regressor of a
+        FitNets hint: held fixed as a target, a random Q_l pulls z toward a random view of the teacher, which
+        costs the Table 4 analogue 4–5 points. Nothing behind the tap trains on it (the teacher is frozen; a
+        learned input adapter is kept out by detaching the tap)."""
         z = full_precision(z)
         terms = []
-        for i, u in enumerate(adapted):
+        for i, (t, u) in enumerate(zip(taps, adapted, strict=True)):
+            adapter = self.adapters[i]
             if self._folded[i + 1]:  # an identity adapter's scale is in its coefficient, not yet in the tap
-                u = u * self.tap_scale[i]
-            terms.append(torch.mean((z - full_precision(u.detach())) ** 2))
+                u = (u * self.tap_scale[i]).detach()
+            elif not any(p.requires_grad for p in adapter.parameters()):
+                u = u.detach()
+            elif t.requires_grad:  # a learned input adapter is behind the tap: Q_l alone trains on the hint
+                t = t.detach()
+                u = adapter(t * self.tap_scale[i] if self.rescale_taps else t)
+            terms.append(torch.mean((z - full_precision(u)) ** 2))
         return torch.stack(terms).mean()
 
     def _fold_scales(self) -> torch.Tensor:

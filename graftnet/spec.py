@@ -483,10 +483,11 @@ class TrainSpec(_Strict):
     lambda2: float = Field(0.1, ge=0.0, description="Weight of KL(f_θ ‖ f_θold), the paper's λ2.")
     kl_lag: int = Field(1, ge=1, description="θ_old is refreshed every kl_lag optimiser steps (1: the step before).")
     feature_hint: float = Field(
-        0.0, ge=0.0,
+        0.3, ge=0.0,
         description="Weight of the feature hint (knowledge_flow, until the cut): the mean squared distance from each "
-        "site's pre-activation to its adapted taps, teachers' side detached, so the student's own layers learn what "
-        "the teachers give the site (0: the paper's objective).",
+        "site's pre-activation to its adapted taps, which trains the student and the learned tap adapters (never "
+        "the teachers), so the student's own layers learn what the teachers give the site (0: the paper's "
+        "objective; 0.3: chosen by graftnet's transfer study, examples/README.md, \"Feature hints\").",
     )  # fmt: skip
     cut_teachers_at: float | None = Field(
         0.7, gt=0.0, le=1.0,

@@ -12,6 +12,7 @@ from _tiny import SITES, cnn, pair_and_batch
 import graftnet
 from graftnet import KnowledgeFlow
 from graftnet.errors import GraftError
+from graftnet.models.a3c import A3CNet
 
 
 def _capture_mixer_inputs(g: graftnet.GraftedModel) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -36,7 +37,7 @@ def test_the_hint_is_the_mean_squared_distance_from_z_to_each_rescaled_tap() -> 
     assert g.feature_hint_loss().item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
 
 
-def test_the_hint_goes_through_a_learned_adapter_and_trains_only_the_student() -> None:
+def test_the_hint_goes_through_a_learned_adapter_and_trains_it_with_the_student() -> None:
     torch.manual_seed(0)
     student = cnn(0)
     wide = graftnet.build_model("graftnet:cnn1d", {"num_classes": 3, "channels": [16, 16]})
@@ -54,11 +55,29 @@ def test_the_hint_goes_through_a_learned_adapter_and_trains_only_the_student() -
     assert hint.item() == pytest.approx(expected.item(), rel=1e-5)
     hint.backward()
     assert student.features[0].weight.grad is not None and student.features[0].weight.grad.abs().sum() > 0
-    # The adapted taps are targets: the last site's Q and w get no gradient from the hint. The first site's do,
-    # but only through what its mix feeds the student downstream (the second site's z), as the task loss does.
+    # Each site's learned Q is the hint's regressor and trains on it; the last site's w gets no gradient from the
+    # hint (the first site's does, through what its mix feeds the second site's z, as the task loss does).
     first, last = g.mixers.values()
-    assert all(p.grad is None for p in last.adapters.parameters()) and last.logits.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in last.adapters.parameters())
+    assert last.logits.grad is None
     assert all(p.grad is not None for p in first.adapters.parameters()) and first.logits.grad is not None
+
+
+def test_the_hint_never_trains_what_is_behind_the_tap() -> None:
+    """A learned input adapter feeds the frozen teacher: the hint must not bend what the teacher sees toward the
+    student. With one site, nothing downstream of the mix carries the hint back either."""
+    student = graftnet.build_model("graftnet:a3c_minatar", {"in_channels": 4})
+    teacher = A3CNet(in_channels=7, num_actions=3, convs=[(16, 3, 1)], hidden=64, input_size=10)
+    spec = {"input_shape": [4, 10, 10], "sites": [{"student": "act", "taps": ["t:act"]}],
+            "teachers": {"t": {"input": [{"adapter": "conv1x1", "kwargs": {"out_channels": 7}}]}}}  # fmt: skip
+    g = graftnet.graft(student, {"t": teacher}, spec).train()
+    (mixer,) = g.mixers.values()
+    assert not isinstance(mixer.adapters[0], torch.nn.Identity)  # 64 features onto the student's: learned
+    g.keep_feature_hints()
+    g(torch.randn(8, 4, 10, 10))
+    g.feature_hint_loss().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mixer.adapters.parameters())
+    assert all(p.grad is None for p in g.input_adapters.parameters())
 
 
 def test_a_hint_is_handed_over_once_and_only_by_a_training_pass_with_autograd() -> None:
@@ -105,7 +124,9 @@ def test_knowledge_flow_adds_the_weighted_hint_until_the_cut() -> None:
     after = kf.loss(x, torch.zeros(len(x), dtype=torch.long), 0.9)
     assert "hint_loss" not in after.parts and "dep_loss" not in after.parts
 
-    plain, loss, _ = _one_loss({})  # the default: the paper's objective, and no hint kept
+    default, loss, _ = _one_loss({})  # on by default, at the weight the transfer study chose
+    assert default.settings.feature_hint == 0.3 and loss.parts["hint_loss"] > 0
+    plain, loss, _ = _one_loss({"feature_hint": 0.0})  # the paper's objective: no hint kept
     assert "hint_loss" not in loss.parts
     assert not any(m.keeps_hint for m in plain.model.mixers.values())
 

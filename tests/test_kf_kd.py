@@ -27,6 +27,7 @@ def test_the_task_loss_becomes_the_kd_loss_and_the_rest_is_knowledge_flow() -> N
         want_kd = kd_loss(loss.logits, teacher.eval()(x), y, 4.0, 0.7)
     torch.testing.assert_close(loss.parts["kd_loss"], want_kd)
     by_hand = loss.parts["kd_loss"] + kf.lambda1() * loss.parts["dep_loss"] + 0.5 * loss.parts["kl_loss"]
+    by_hand = by_hand + 0.3 * loss.parts["hint_loss"]  # the default feature hint
     torch.testing.assert_close(loss.total, by_hand)
     assert loss.total.requires_grad and not any(p.requires_grad for p in teacher.parameters())
     # without the flag the section is KD's alone: knowledge flow keeps its cross-entropy

@@ -134,7 +134,7 @@ def test_lightnings_first_loss_equals_the_objective_by_hand(run: tuple[Any, Reco
     x, y = next(iter(setup.train))
     setup.objective.model.train()
     by_hand = setup.objective.loss(x, y, 0.0)
-    assert set(by_hand.parts) == {"task_loss", "dep_loss", "kl_loss"}
+    assert set(by_hand.parts) == {"task_loss", "dep_loss", "kl_loss", "hint_loss"}
     assert recorder.first_loss is not None
     torch.testing.assert_close(recorder.first_loss, by_hand.total.detach())
 

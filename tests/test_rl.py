@@ -71,7 +71,7 @@ def test_eq4_loss_trains_student_logits_and_adapters_and_kl_needs_an_old_snapsho
                       torch.zeros(t, n, dtype=torch.bool), torch.rand(n, 4, 10, 10).round())  # fmt: skip
     assert spec.rl is not None
     total, parts = a2c_loss(method, rollout, spec.rl, 0.5, torch.device("cpu"))
-    assert set(parts) == {"loss", "policy_loss", "value_loss", "entropy", "dep_loss", "kl_loss"}
+    assert set(parts) == {"loss", "policy_loss", "value_loss", "entropy", "dep_loss", "kl_loss", "hint_loss"}
     assert float(parts["kl_loss"].detach()) == pytest.approx(0.0, abs=1e-5)  # θ_old = θ before any step
     total.backward()
     assert all(m.logits.grad is not None and m.logits.grad.abs().sum() > 0 for m in g.mixers.values())

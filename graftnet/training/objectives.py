@@ -509,9 +509,10 @@ class KnowledgeFlow(Objective):
     λ1(t) follows ``lambda1`` (0, then a ramp to its final value); θ_old is a snapshot of every trainable
     parameter (student, w, Q) refreshed before each optimizer step (every ``kl_lag`` steps), and the KL pass
     reuses the batch's teacher taps and dropout masks. With ``cut_teachers_at`` the teachers are removed at
-    that fraction of training and the plain student trains on (:meth:`maybe_cut`). With ``feature_hint`` > 0 it adds
-    that weight times the feature hint (:meth:`GraftedModel.feature_hint_loss`) until the cut: not in the paper,
-    and what makes knowledge flow pay off in graftnet's transfer study (examples/README.md, "Feature hints").
+    that fraction of training and the plain student trains on (:meth:`maybe_cut`). With ``feature_hint`` > 0 (default
+    0.3) it adds that weight times the feature hint (:meth:`GraftedModel.feature_hint_loss`) until the cut: not in
+    the paper (``feature_hint=0`` is its objective), and what makes knowledge flow pay off in graftnet's transfer
+    study (examples/README.md, "Feature hints").
 
     With ``train.kd.with_knowledge_flow`` the task loss is Hinton's KD loss against ``distill_from`` (a whole
     teacher with the target's output space): the student also matches that teacher's softened outputs, after the
