@@ -32,7 +32,7 @@ from graftnet.launch import train
 from graftnet.provenance import command_line, versions
 from graftnet.spec import Spec, load_spec, override_spec, parse_yaml, short_repr
 from graftnet.training.results import RunResult
-from graftnet.training.run_dir import RESULTS_NAME, SPEC_NAME, started_with
+from graftnet.training.run_dir import RESULTS_NAME, SPEC_NAME, spec_differences
 
 __all__ = ["Trial", "TuneResult", "folder_name", "parse_grid", "setting_text", "tune"]
 
@@ -271,15 +271,15 @@ def _run(
     """A finished run is read back, an interrupted one resumed, a new one started. A run that diverges (a
     :class:`TrainingError`) is a failed trial, not the end of the tune; the reason is kept in the run folder."""
     try:
-        started = started_with(run_dir, spec)
-    except (OSError, ValueError, GraftError):  # a damaged spec.json: the folder holds no run of this spec
-        started = False
-    if started is False and not overwrite:
+        differences = spec_differences(run_dir, spec) if (run_dir / SPEC_NAME).is_file() else None
+    except (OSError, ValueError, GraftError) as e:  # a damaged spec.json: the folder holds no run of this spec
+        differences = [f"unreadable: {e}"]
+    if differences and not overwrite:
         raise GraftError(
-            f"{run_dir} holds a run of another spec ({run_dir / SPEC_NAME}); tune with the same spec and grid to "
-            "resume, or pass --overwrite to start those runs over"
+            f"{run_dir} holds a run of another spec ({run_dir / SPEC_NAME}: {'; '.join(differences)}); tune with "
+            "the same spec and grid to resume, or pass --overwrite to start those runs over"
         )
-    same = bool(started)
+    same = differences == []
     assert spec.train is not None
     failed_file, done = run_dir / FAILED_NAME, run_dir / RESULTS_NAME
     if same and failed_file.is_file():

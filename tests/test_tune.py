@@ -90,11 +90,30 @@ def test_a_folder_of_another_spec_is_refused_unless_overwrite(tmp_path: Path, mo
     monkeypatch.setattr(tune_module, "train", fake)
     tune(SPEC, {"train.lr": [0.1]}, tmp_path / "t", seeds=1, plots=False, log=lambda _: None)
     other = {**SPEC, "train": {**SPEC["train"], "epochs": 3}}
-    with pytest.raises(GraftError, match="another spec"):
+    with pytest.raises(GraftError, match=r"another spec .*train\.epochs \(2 in the run, 3 now\)"):
         tune(other, {"train.lr": [0.1]}, tmp_path / "t", seeds=1, plots=False, log=lambda _: None)
     fake.calls.clear()
     tune(other, {"train.lr": [0.1]}, tmp_path / "t", seeds=1, overwrite=True, plots=False, log=lambda _: None)
     assert [c["overwrite"] for c in fake.calls] == [True]
+
+
+def test_a_run_written_before_a_setting_existed_is_not_read_back_as_todays_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spec.json without a setting (written by an older graftnet) re-read would take today's default, which may
+    not be what the run trained with: such a run is another spec's, never "done before"."""
+    fake = FakeTrain({0.1: (9.0, 1.0)})
+    monkeypatch.setattr(tune_module, "train", fake)
+    tune(SPEC, {"train.lr": [0.1]}, tmp_path / "t", seeds=1, plots=False, log=lambda _: None)
+    saved = tmp_path / "t" / "lr=0.1" / "seed0" / "spec.json"
+    old = json.loads(saved.read_text())
+    del old["train"]["feature_hint"]
+    saved.write_text(json.dumps(old))
+    with pytest.raises(GraftError, match=r"train\.feature_hint \(missing in the run, 0\.3 now\)"):
+        tune(SPEC, {"train.lr": [0.1]}, tmp_path / "t", seeds=1, plots=False, log=lambda _: None)
+    fake.calls.clear()
+    tune(SPEC, {"train.lr": [0.1]}, tmp_path / "t", seeds=1, overwrite=True, plots=False, log=lambda _: None)
+    assert [c["overwrite"] for c in fake.calls] == [True]  # run again, not read back
 
 
 def test_a_diverged_setting_is_a_failed_trial_not_the_end_of_the_tune(

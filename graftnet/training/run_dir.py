@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
-from graftnet.checkpoint import CHECKPOINT_NAME, remove_stale_temporaries, spec_hash
+from graftnet.checkpoint import CHECKPOINT_NAME, remove_stale_temporaries
 from graftnet.errors import GraftError, TrainingError
 from graftnet.provenance import command_line, versions
 from graftnet.spec import Spec, load_spec
 
 __all__ = [
-    "CHECKPOINT_NAME", "RESULTS_NAME", "SPEC_NAME", "STUDENT_NAME", "check_run_dir", "start_run_dir", "started_with",
+    "CHECKPOINT_NAME", "RESULTS_NAME", "SPEC_NAME", "STUDENT_NAME", "check_run_dir", "spec_differences",
+    "start_run_dir", "started_with",
 ]  # fmt: skip
 
 STUDENT_NAME = "student.safetensors"
@@ -28,16 +30,39 @@ SPEC_NAME = "spec.json"
 
 
 def started_with(run_dir: Path, spec: Spec) -> bool | None:
-    """Whether the run in ``run_dir`` was started with ``spec`` (same :func:`spec_hash`); None when the folder holds
-    no run (no ``spec.json``).
+    """Whether the run in ``run_dir`` was started with ``spec``; None when the folder holds no run (no
+    ``spec.json``). The file is compared as written, every setting spelled out: re-read, a setting it lacks (it
+    was written before that setting existed) would take today's default, which need not be what the run trained
+    with.
 
     Raises:
         OSError, ValueError, GraftError: ``spec.json`` cannot be read, or is not a valid spec.
     """
-    saved = run_dir / SPEC_NAME
-    if not saved.is_file():
-        return None
-    return spec_hash(load_spec(json.loads(saved.read_text()))) == spec_hash(spec)
+    return None if not (run_dir / SPEC_NAME).is_file() else not spec_differences(run_dir, spec)
+
+
+def spec_differences(run_dir: Path, spec: Spec, limit: int = 4) -> list[str]:
+    """The first ``limit`` settings (dotted keys) in which ``run_dir/spec.json`` differs from ``spec``.
+
+    Raises:
+        OSError, ValueError, GraftError: ``spec.json`` cannot be read, or is not a valid spec.
+    """
+    recorded = json.loads((run_dir / SPEC_NAME).read_text())
+    load_spec(recorded)  # a damaged file is an error, not "another spec"
+    return _differences(recorded, json.loads(json.dumps(spec.model_dump(mode="json"))), "")[:limit]
+
+
+def _differences(recorded: Any, current: Any, where: str) -> list[str]:
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return [d for k in sorted(set(recorded) | set(current), key=str)
+                for d in _differences(recorded.get(k, _MISSING), current.get(k, _MISSING), f"{where}{k}.")]  # fmt: skip
+    if recorded == current:
+        return []
+    shown = "missing" if recorded is _MISSING else json.dumps(recorded)
+    return [f"{where[:-1]} ({shown} in the run, {'missing' if current is _MISSING else json.dumps(current)} now)"]
+
+
+_MISSING = object()
 
 
 def check_run_dir(run_dir: Path, spec: Spec, resume: bool, overwrite: bool, marker: str = CHECKPOINT_NAME) -> bool:
@@ -67,8 +92,8 @@ def check_run_dir(run_dir: Path, spec: Spec, resume: bool, overwrite: bool, mark
             )
         if not same:
             raise TrainingError(
-                f"--resume: the spec differs from the one {str(run_dir)!r} was started with ({saved}); "
-                "resume with the same spec, or start a new run folder"
+                f"--resume: the spec differs from the one {str(run_dir)!r} was started with ({saved}): "
+                f"{'; '.join(spec_differences(run_dir, spec))}. Resume with the same spec, or start a new run folder"
             )
         remove_stale_temporaries(run_dir)  # what an interrupted write left behind is never part of the state
         return (run_dir / marker).is_file()  # no checkpoint yet: the run starts again, nothing is lost
