@@ -218,7 +218,7 @@ class Mixer(nn.Module):
         to produce what the teachers give the site, so that handing the site back to the student loses less
         (examples/README.md, "Feature hints"). A learned adapter Q_l trains on it too, as the regressor of a
         FitNets hint: held fixed as a target, a random Q_l pulls z toward a random view of the teacher, which
-        costs the Table 4 analogue 4–5 points. Nothing behind the tap trains on it (the teacher is frozen; a
+        cost the Table 4 analogue 3–6 points. Nothing behind the tap trains on it (the teacher is frozen; a
         learned input adapter is kept out by detaching the tap)."""
         z = full_precision(z)
         terms = []
