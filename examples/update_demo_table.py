@@ -1,9 +1,11 @@
 """Put the demo's table (``RUN/results.md``, written by ``graftnet demo``) into README.md between its markers.
 
 The README's demo figures are this script's output, never typed by hand: it runs ``graftnet demo --out RUN``
-first unless ``RUN/results.md`` exists (``--rerun`` forces it), then replaces the text between
-``<!-- demo-table:start -->`` and ``<!-- demo-table:end -->``. The table carries the command line and the
-versions it ran with.
+first unless ``RUN/results.md`` exists, then replaces the text between ``<!-- demo-table:start -->`` and
+``<!-- demo-table:end -->``. The table carries the command line and the versions it ran with.
+
+``--rerun`` empties RUN first (it must hold a demo: ``results.md`` or ``teachers/``): the demo reads back every
+finished run whose spec is unchanged, which is right for an interrupted demo and wrong after a change to the code.
 
 Run:  python examples/update_demo_table.py [--run runs/demo] [--rerun] [--readme README.md]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,14 +35,30 @@ def replace_table(readme: str, table: str) -> str:
     return pattern.sub(lambda _: f"{START}\n{table.strip()}\n{END}", readme)
 
 
+def clear_demo(run: Path) -> None:
+    """Remove ``run``, a demo's folder, so that the demo reruns every run; refuse a folder that holds no demo.
+
+    Raises:
+        ValueError: ``run`` exists and has neither ``results.md`` nor ``teachers/``.
+    """
+    if not run.exists():
+        return
+    if not ((run / "results.md").is_file() or (run / "teachers").is_dir()):
+        raise ValueError(f"--rerun: {run} holds no demo (no results.md, no teachers/); not removing it")
+    shutil.rmtree(run)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo")
-    parser.add_argument("--rerun", action="store_true", help="run the demo even if RUN/results.md exists")
+    parser.add_argument("--rerun", action="store_true", help="remove RUN (a demo's folder) and run the demo afresh")
     parser.add_argument("--readme", default=str(ROOT / "README.md"))
     args = parser.parse_args()
-    results = Path(args.run) / "results.md"
-    if args.rerun or not results.is_file():
+    run = Path(args.run)
+    results = run / "results.md"
+    if args.rerun:
+        clear_demo(run)
+    if not results.is_file():
         subprocess.run([sys.executable, "-m", "graftnet", "demo", "--out", args.run], check=True)
     readme = Path(args.readme)
     readme.write_text(replace_table(readme.read_text(), results.read_text()))

@@ -32,6 +32,22 @@ def test_the_readme_table_is_replaced_between_its_markers() -> None:
             m.replace_table(broken, "x")
 
 
+def test_a_rerun_of_the_demo_starts_from_an_empty_folder_and_touches_only_a_demo(tmp_path: Path) -> None:
+    m = _module("update_demo_table")
+    demo = tmp_path / "demo"
+    (demo / "teachers" / "related").mkdir(parents=True)
+    (demo / "scratch").mkdir()
+    m.clear_demo(demo)  # finished runs would be read back, whatever the code now does
+    assert not demo.exists()
+    m.clear_demo(demo)  # nothing there: nothing to do
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="holds no demo"):
+        m.clear_demo(other)
+    assert (other / "notes.txt").read_text() == "keep"
+
+
 def test_every_transfer_study_spec_validates(tmp_path: Path) -> None:
     m = _module("transfer_study")
     for scenario, (teachers, can_finetune) in m.SCENARIOS.items():
