@@ -21,7 +21,7 @@ from graftnet.spec import Spec, load_spec
 
 __all__ = [
     "CHECKPOINT_NAME", "RESULTS_NAME", "SPEC_NAME", "STUDENT_NAME", "check_run_dir", "spec_differences",
-    "start_run_dir", "started_with",
+    "start_run_dir",
 ]  # fmt: skip
 
 STUDENT_NAME = "student.safetensors"
@@ -29,20 +29,11 @@ RESULTS_NAME = "results.json"
 SPEC_NAME = "spec.json"
 
 
-def started_with(run_dir: Path, spec: Spec) -> bool | None:
-    """Whether the run in ``run_dir`` was started with ``spec``; None when the folder holds no run (no
-    ``spec.json``). The file is compared as written, every setting spelled out: re-read, a setting it lacks (it
-    was written before that setting existed) would take today's default, which need not be what the run trained
-    with.
-
-    Raises:
-        OSError, ValueError, GraftError: ``spec.json`` cannot be read, or is not a valid spec.
-    """
-    return None if not (run_dir / SPEC_NAME).is_file() else not spec_differences(run_dir, spec)
-
-
 def spec_differences(run_dir: Path, spec: Spec, limit: int = 4) -> list[str]:
-    """The first ``limit`` settings (dotted keys) in which ``run_dir/spec.json`` differs from ``spec``.
+    """The first ``limit`` settings (dotted keys) in which ``run_dir/spec.json`` differs from ``spec``; empty when
+    the run was started with ``spec``. The file is compared as written, every setting spelled out: re-read, a
+    setting it lacks (written before that setting existed) would take today's default, which need not be what the
+    run trained with.
 
     Raises:
         OSError, ValueError, GraftError: ``spec.json`` cannot be read, or is not a valid spec.
@@ -58,11 +49,14 @@ def _differences(recorded: Any, current: Any, where: str) -> list[str]:
                 for d in _differences(recorded.get(k, _MISSING), current.get(k, _MISSING), f"{where}{k}.")]  # fmt: skip
     if recorded == current:
         return []
-    shown = "missing" if recorded is _MISSING else json.dumps(recorded)
-    return [f"{where[:-1]} ({shown} in the run, {'missing' if current is _MISSING else json.dumps(current)} now)"]
+    return [f"{where[:-1]} ({_shown(recorded)} in the run, {_shown(current)} now)"]
 
 
 _MISSING = object()
+
+
+def _shown(value: Any) -> str:
+    return "missing" if value is _MISSING else json.dumps(value)
 
 
 def check_run_dir(run_dir: Path, spec: Spec, resume: bool, overwrite: bool, marker: str = CHECKPOINT_NAME) -> bool:
@@ -78,22 +72,22 @@ def check_run_dir(run_dir: Path, spec: Spec, resume: bool, overwrite: bool, mark
     """
     saved = run_dir / SPEC_NAME
     if resume:
+        if not saved.is_file():
+            raise TrainingError(
+                f"--resume: {str(run_dir)!r} holds no run ({SPEC_NAME} is missing); nothing to resume (drop --resume "
+                "to start)"
+            )
         try:
-            same = started_with(run_dir, spec)
+            differences = spec_differences(run_dir, spec)
         except (OSError, ValueError, GraftError) as e:  # unreadable or damaged spec.json
             raise TrainingError(
                 f"--resume: cannot read the spec {str(run_dir)!r} was started with ({saved}): {e}; start again with "
                 "--overwrite"
             ) from e
-        if same is None:
-            raise TrainingError(
-                f"--resume: {str(run_dir)!r} holds no run ({SPEC_NAME} is missing); nothing to resume (drop --resume "
-                "to start)"
-            )
-        if not same:
+        if differences:
             raise TrainingError(
                 f"--resume: the spec differs from the one {str(run_dir)!r} was started with ({saved}): "
-                f"{'; '.join(spec_differences(run_dir, spec))}. Resume with the same spec, or start a new run folder"
+                f"{'; '.join(differences)}. Resume with the same spec, or start a new run folder"
             )
         remove_stale_temporaries(run_dir)  # what an interrupted write left behind is never part of the state
         return (run_dir / marker).is_file()  # no checkpoint yet: the run starts again, nothing is lost
