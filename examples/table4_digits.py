@@ -52,7 +52,8 @@ def teacher(out: Path) -> Path:
     return run_dir / "student.safetensors"
 
 
-def run(method: str, optimizer: str, out: str, weights: str, seeds: int, kf_settings: dict[str, Any]) -> dict[str, Any]:
+def run(method: str, optimizer: str, out: str, weights: str, seeds: int, kf_settings: dict[str, Any],
+        lrs: list[float]) -> dict[str, Any]:  # fmt: skip
     train = {"method": method, "epochs": 100, "optimizer": optimizer, "threads": 1}
     spec: dict[str, Any] = {"student": STUDENT, "data": _data(300), "train": train}
     if method != "scratch":
@@ -64,12 +65,12 @@ def run(method: str, optimizer: str, out: str, weights: str, seeds: int, kf_sett
         spec["train"]["method"] = "knowledge_flow"
         spec["sites"] = HIDDEN_SITES + ([OUTPUT_SITE] if method == "knowledge_flow_output" else [])
         spec = override_spec(spec, kf_settings).model_dump(mode="json")
-    r = graftnet.tune(spec, {"train.lr": LRS[optimizer]}, Path(out) / optimizer / method, seeds=seeds,
+    r = graftnet.tune(spec, {"train.lr": lrs}, Path(out) / optimizer / method, seeds=seeds,
                       label=METHODS[method], log=lambda _: None)  # fmt: skip
     pw = [t.result.min_p_w_student for t in r.seeds if t.result.min_p_w_student is not None]
     return {"method": method, "optimizer": optimizer, "chosen": r.chosen["train.lr"], "test": r.errors("test_error"),
             "val": r.errors("val_error"), "min_p_w": min(pw) if pw else None, "forced": r.forced_exports,
-            "diverged": [t.setting["train.lr"] for t in r.trials if t.failed]}  # fmt: skip
+            "diverged": [t.setting["train.lr"] for t in r.trials if t.failed], "at_edge": bool(r.at_edge)}  # fmt: skip
 
 
 def _ms(values: list[float]) -> str:
@@ -84,6 +85,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--optimizers", nargs="+", choices=list(LRS), default=list(LRS))
+    for name, default in LRS.items():
+        parser.add_argument(f"--{name}-lrs", type=float, nargs="+", default=default, metavar="LR",
+                            help=f"the learning rates tune tries with {name} (default: {default})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a spec override for the knowledge-flow runs: a variant of the defaults, in its own --out")
     args = parser.parse_args()
@@ -91,19 +95,24 @@ def main() -> None:
     out = Path(args.out)
     weights = str(teacher(out))
     jobs = [(m, o) for o in args.optimizers for m in args.methods]
+    lrs = {name: getattr(args, f"{name}_lrs") for name in LRS}
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(run, *zip(*jobs, strict=True), [str(out)] * len(jobs), [weights] * len(jobs),
-                             [args.seeds] * len(jobs), [kf_settings] * len(jobs)))  # fmt: skip
+                             [args.seeds] * len(jobs), [kf_settings] * len(jobs),
+                             [lrs[o] for _, o in jobs]))  # fmt: skip
     stamp = ", ".join(f"{k} {v}" for k, v in versions().items())
     lines = [f"Command: `{command_line()}`; {stamp}.", "",
              f"Test error (%) on digits (300 labels), exported student alone, mean ± std over {args.seeds} seeds; "
-             "learning rate chosen on validation by graftnet tune.", "",
+             "learning rate chosen on validation by graftnet tune over "
+             + "; ".join(f"{o} {lrs[o]}" for o in args.optimizers) + " (edge: the grid's smallest or largest value, "
+             "so the best may lie beyond it).", "",
              "| optimizer | method | chosen lr | test error (%) | val error (%) | min p_w(student) | forced exports "
              "| diverged in the grid |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         pw = "-" if r["min_p_w"] is None else f"{r['min_p_w']:.4f}"
         diverged = ", ".join(f"lr {v:g}" for v in r["diverged"]) or "-"
-        lines.append(f"| {r['optimizer']} | {METHODS[r['method']]} | {r['chosen']:g} | {_ms(r['test'])} | "
+        lr = f"{r['chosen']:g}" + (" (edge)" if r.get("at_edge") else "")
+        lines.append(f"| {r['optimizer']} | {METHODS[r['method']]} | {lr} | {_ms(r['test'])} | "
                      f"{_ms(r['val'])} | {pw} | {r['forced']} | {diverged} |")  # fmt: skip
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))

@@ -128,7 +128,7 @@ def run_job(
                       log=lambda _: None)  # fmt: skip
     return {"job": job.__dict__, "chosen": r.chosen, "test": r.errors("test_error"), "val": r.errors("val_error"),
             "forced": r.forced_exports, "p_w": [p_w_at_cut(t.result.run_dir) for t in r.seeds if t.failed is None],
-            "failed": r.failures}  # fmt: skip
+            "failed": r.failures, "at_edge": bool(r.at_edge)}  # fmt: skip
 
 
 def p_w_at_cut(run_dir: Path) -> dict[str, float]:
@@ -165,7 +165,8 @@ def table(results: list[dict[str, Any]], label_counts: list[int]) -> list[str]:
                 pw = "-"
                 if r["p_w"] and r["p_w"][0]:
                     pw = ", ".join(f"{min(p[s] for p in r['p_w']):.4f}" for s in r["p_w"][0])
-                lines.append(f"| {n} | {scenario} | {LABELS[method]} | {r['chosen']['train.lr']:g} | "
+                lr = f"{r['chosen']['train.lr']:g}" + (" (edge)" if r.get("at_edge") else "")
+                lines.append(f"| {n} | {scenario} | {LABELS[method]} | {lr} | "
                              f"{mean_std(r['test'])} | {mean_std(r['val'])} | {pw} | {r['forced']} |")  # fmt: skip
     return lines
 
@@ -214,7 +215,8 @@ def main() -> None:
     stamp = ", ".join(f"{k} {v}" for k, v in versions().items())
     header = [f"Command: `{command_line()}`", "", f"Versions: {stamp}", "",
               f"Test error (%) of the exported student alone, mean ± std over {args.seeds} seeds; {args.optimizer}, "
-              f"learning rate chosen on validation by graftnet tune over {args.lrs}.", ""]  # fmt: skip
+              f"learning rate chosen on validation by graftnet tune over {args.lrs} (edge: the grid's smallest or "
+              "largest value, so the best may lie beyond it).", ""]  # fmt: skip
     lines = header + table(results, args.labels)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -83,6 +83,22 @@ class TuneResult:
         """Runs of the chosen setting exported although some p_w(student) was below 1 − export_tol."""
         return sum(t.result.forced_export for t in self.seeds)
 
+    @property
+    def at_edge(self) -> dict[str, str]:
+        """The grid's numeric keys with three values or more whose chosen value is their ``"smallest"`` or
+        ``"largest"``: the best setting may lie beyond the grid there, so widen it (a learning rate chosen at the
+        grid's edge is not a tuned one). ``{key: "smallest" | "largest"}``."""
+        edges = {}
+        for key, values in self.grid.items():
+            numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if len(numbers) < 3 or len(numbers) != len(values) or key not in self.chosen:
+                continue
+            if self.chosen[key] == min(numbers):
+                edges[key] = "smallest"
+            elif self.chosen[key] == max(numbers):
+                edges[key] = "largest"
+        return edges
+
     def summary(self) -> list[str]:
         test, test_sd = self.mean_std("test_error")
         val, val_sd = self.mean_std("val_error")
@@ -98,8 +114,16 @@ class TuneResult:
             lines.append(f"  min p_w(student) at the cut: {min(pw):.6f}; forced exports: {self.forced_exports}")
         if self.failures:
             lines.append(f"  {self.failures} of the chosen setting's runs diverged and are left out of the mean")
+        if self.at_edge:
+            lines.append(f"  {_edge_text(self.at_edge, self.chosen)}")
         lines.append(f"  chosen spec: {self.out / 'chosen.yaml'}; table: {self.out / 'results.md'}")
         return lines
+
+
+def _edge_text(edges: Mapping[str, str], chosen: Setting) -> str:
+    where = ", ".join(f"{k.removeprefix('train.')}={_value_text(chosen[k])} is its {side} value"
+                      for k, side in edges.items())  # fmt: skip
+    return f"chosen at the edge of the grid ({where}): the best may lie beyond it, widen the grid there"
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
@@ -343,6 +367,8 @@ def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[st
         forced = "failed (diverged)" if t.failed else ("yes" if t.result.forced_export else "no")
         md.append(f"| {t.seed} | {pct(t.result.val_error)} | {pct(t.result.test_error)} | {pw} | {forced} |")
     md.append(f"| mean ± std | {val:.2f} ± {val_sd:.2f} | {test:.2f} ± {test_sd:.2f} | | |")
+    if result.at_edge:
+        md += ["", _edge_text(result.at_edge, result.chosen) + "."]
     if result.failures:
         md += ["", f"{result.failures} run(s) diverged and are left out of the mean (see {FAILED_NAME} in each)."]
     (out / "results.md").write_text("\n".join(md) + "\n")
@@ -355,7 +381,8 @@ def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[st
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(body, sort_keys=False)
     (out / "chosen.yaml").write_text(text)
     payload = {
-        "grid": result.grid, "chosen": result.chosen, "command": command_line(), "versions": provenance,
+        "grid": result.grid, "chosen": result.chosen, "at_edge": result.at_edge, "command": command_line(),
+        "versions": provenance,
         "trials": [{"setting": t.setting, "seed": t.seed, "failed": t.failed, **t.result.to_json()}
                    for t in result.trials],
         "seeds": [{"setting": t.setting, "seed": t.seed, "failed": t.failed, **t.result.to_json()}

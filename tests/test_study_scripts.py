@@ -69,3 +69,15 @@ def test_p_w_at_cut_reads_the_last_epoch_before_the_cut(tmp_path: Path) -> None:
         "epoch,teachers_cut,p_w/a/student,p_w/a/t:a\n1,0,0.5,0.5\n2,0,0.9,0.1\n3,1,1.0,0.0\n"
     )
     assert m.p_w_at_cut(tmp_path) == {"a": 0.9}
+
+
+def test_the_transfer_table_marks_a_learning_rate_chosen_at_the_grids_edge() -> None:
+    m = _module("transfer_study")
+
+    def row(method: str, lr: float, at_edge: bool) -> dict[str, object]:
+        return {"job": {"labels": 50, "scenario": "related", "method": method}, "chosen": {"train.lr": lr},
+                "test": [5.0, 6.0], "val": [4.0], "p_w": [], "forced": 0, "at_edge": at_edge}  # fmt: skip
+
+    lines = m.table([row("knowledge_flow", 0.1, True), row("finetune", 0.03, False)], [50])
+    assert any("| knowledge flow | 0.1 (edge) |" in line for line in lines)
+    assert any("| fine-tune, new head | 0.03 |" in line for line in lines)

@@ -58,6 +58,26 @@ def test_the_choice_is_made_on_validation_never_on_test(tmp_path: Path, monkeypa
     assert (tmp_path / "t" / "lr=0.01" / "seed2") == fake.calls[-1]["run_dir"]
 
 
+def test_a_choice_at_the_edge_of_a_numeric_grid_is_flagged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the best validation error at the grid's largest lr: a tuned lr would need the grid widened beyond it
+    monkeypatch.setattr(tune_module, "train", FakeTrain({0.001: (9.0, 9.0), 0.01: (5.0, 5.0), 0.1: (3.0, 3.0)}))
+    lines: list[str] = []
+    r = tune(SPEC, {"train.lr": [0.001, 0.01, 0.1]}, tmp_path / "t", seeds=1, plots=False, log=lines.append)
+    assert r.at_edge == {"train.lr": "largest"}
+    assert any("edge of the grid (lr=0.1 is its largest value)" in line for line in lines)
+    assert "edge of the grid (lr=0.1 is its largest value)" in (tmp_path / "t" / "results.md").read_text()
+    assert json.loads((tmp_path / "t" / "tune.json").read_text())["at_edge"] == {"train.lr": "largest"}
+    monkeypatch.setattr(tune_module, "train", FakeTrain({0.001: (3.0, 9.0), 0.01: (5.0, 5.0), 0.1: (9.0, 3.0)}))
+    assert tune(SPEC, {"train.lr": [0.1, 0.01, 0.001]}, tmp_path / "u", seeds=1, plots=False,
+                log=lambda _: None).at_edge == {"train.lr": "smallest"}  # fmt: skip
+    # inside the grid, or a grid of two values (where every choice is an edge): nothing to flag
+    monkeypatch.setattr(tune_module, "train", FakeTrain({0.001: (9.0, 9.0), 0.01: (3.0, 3.0), 0.1: (5.0, 5.0)}))
+    inside = tune(SPEC, {"train.lr": [0.001, 0.01, 0.1]}, tmp_path / "v", seeds=1, plots=False, log=lines.append)
+    assert inside.at_edge == {} and "edge of the grid" not in "\n".join(inside.summary())
+    assert tune(SPEC, {"train.lr": [0.01, 0.1]}, tmp_path / "w", seeds=1, plots=False,
+                log=lambda _: None).at_edge == {}  # fmt: skip
+
+
 def test_seeds_start_at_the_spec_seed_and_the_grid_may_not_set_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
