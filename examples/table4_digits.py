@@ -53,7 +53,7 @@ def teacher(out: Path) -> Path:
 
 
 def run(method: str, optimizer: str, out: str, weights: str, seeds: int, kf_settings: dict[str, Any],
-        lrs: list[float]) -> dict[str, Any]:  # fmt: skip
+        lrs: list[float], choose_seeds: int = 1) -> dict[str, Any]:  # fmt: skip
     train = {"method": method, "epochs": 100, "optimizer": optimizer, "threads": 1}
     spec: dict[str, Any] = {"student": STUDENT, "data": _data(300), "train": train}
     if method != "scratch":
@@ -65,7 +65,7 @@ def run(method: str, optimizer: str, out: str, weights: str, seeds: int, kf_sett
         spec["train"]["method"] = "knowledge_flow"
         spec["sites"] = HIDDEN_SITES + ([OUTPUT_SITE] if method == "knowledge_flow_output" else [])
         spec = override_spec(spec, kf_settings).model_dump(mode="json")
-    r = graftnet.tune(spec, {"train.lr": lrs}, Path(out) / optimizer / method, seeds=seeds,
+    r = graftnet.tune(spec, {"train.lr": lrs}, Path(out) / optimizer / method, seeds=seeds, choose_seeds=choose_seeds,
                       label=METHODS[method], log=lambda _: None)  # fmt: skip
     pw = [t.result.min_p_w_student for t in r.seeds if t.result.min_p_w_student is not None]
     return {"method": method, "optimizer": optimizer, "chosen": r.chosen["train.lr"], "test": r.errors("test_error"),
@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/table4")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--choose-seeds", type=int, default=1, metavar="N",
+                        help="choose each learning rate on the mean validation error of N seeds (graftnet tune)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--optimizers", nargs="+", choices=list(LRS), default=list(LRS))
     for name, default in LRS.items():
@@ -99,11 +101,12 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(run, *zip(*jobs, strict=True), [str(out)] * len(jobs), [weights] * len(jobs),
                              [args.seeds] * len(jobs), [kf_settings] * len(jobs),
-                             [lrs[o] for _, o in jobs]))  # fmt: skip
+                             [lrs[o] for _, o in jobs], [args.choose_seeds] * len(jobs)))  # fmt: skip
     stamp = ", ".join(f"{k} {v}" for k, v in versions().items())
     lines = [f"Command: `{command_line()}`; {stamp}.", "",
              f"Test error (%) on digits (300 labels), exported student alone, mean ± std over {args.seeds} seeds; "
-             "learning rate chosen on validation by graftnet tune over "
+             "learning rate chosen on validation" + (f" (mean of {args.choose_seeds} seeds)" if args.choose_seeds > 1
+                                                    else "") + " by graftnet tune over "
              + "; ".join(f"{o} {lrs[o]}" for o in args.optimizers) + " (edge: the grid's smallest or largest value, "
              "so the best may lie beyond it).", "",
              "| optimizer | method | chosen lr | test error (%) | val error (%) | min p_w(student) | forced exports "

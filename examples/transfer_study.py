@@ -119,13 +119,14 @@ def run_job(
     seeds: int,
     kf_settings: dict[str, Any],
     optimizer: str = "adam",
+    choose_seeds: int = 1,
 ) -> dict[str, Any]:
     out_dir = Path(out)
     spec = job_spec(job, out_dir, samples, epochs, optimizer)
     if job.method in ("knowledge_flow", "control") and kf_settings:
         spec = override_spec(spec, kf_settings).model_dump(mode="json")
-    r = graftnet.tune(spec, {"train.lr": lrs}, out_dir / job.name, seeds=seeds, label=job.method,
-                      log=lambda _: None)  # fmt: skip
+    r = graftnet.tune(spec, {"train.lr": lrs}, out_dir / job.name, seeds=seeds, choose_seeds=choose_seeds,
+                      label=job.method, log=lambda _: None)  # fmt: skip
     return {"job": job.__dict__, "chosen": r.chosen, "test": r.errors("test_error"), "val": r.errors("val_error"),
             "forced": r.forced_exports, "p_w": [p_w_at_cut(t.result.run_dir) for t in r.seeds if t.failed is None],
             "failed": r.failures, "at_edge": bool(r.at_edge)}  # fmt: skip
@@ -184,6 +185,8 @@ def main() -> None:
                         help="every student's optimizer (the teachers are trained with Adam either way); with sgd "
                         "pass larger --lrs, e.g. 0.01 0.03 0.1")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2, help="tunes at a time (one thread each)")
+    parser.add_argument("--choose-seeds", type=int, default=1, metavar="N",
+                        help="choose each learning rate on the mean validation error of N seeds (graftnet tune)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--methods", nargs="+", default=list(LABELS), choices=[m for m in LABELS if m != "kd"])
     parser.add_argument("--teachers-from", metavar="OUT", help="use the teachers of an earlier study's --out")
@@ -206,17 +209,18 @@ def main() -> None:
             jobs += [Job(scenario, m, n) for m in methods if m in args.methods]
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_job, j, str(out), args.samples, args.epochs, args.lrs, args.seeds, kf_settings,
-                               args.optimizer)
+                               args.optimizer, args.choose_seeds)
                    for j in jobs]  # fmt: skip
         results = []
         for job, future in zip(jobs, futures, strict=True):
             results.append(future.result())
             print(f"done {job.name}: test {mean_std(results[-1]['test'])}", flush=True)
     stamp = ", ".join(f"{k} {v}" for k, v in versions().items())
+    chosen_on = f" (mean of {args.choose_seeds} seeds)" if args.choose_seeds > 1 else ""
     header = [f"Command: `{command_line()}`", "", f"Versions: {stamp}", "",
               f"Test error (%) of the exported student alone, mean ± std over {args.seeds} seeds; {args.optimizer}, "
-              f"learning rate chosen on validation by graftnet tune over {args.lrs} (edge: the grid's smallest or "
-              "largest value, so the best may lie beyond it).", ""]  # fmt: skip
+              f"learning rate chosen on validation{chosen_on} by graftnet tune over {args.lrs} (edge: the grid's "
+              "smallest or largest value, so the best may lie beyond it).", ""]  # fmt: skip
     lines = header + table(results, args.labels)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -122,7 +122,8 @@ def _tune(args: argparse.Namespace) -> None:
     from graftnet.tune import parse_grid, tune
 
     spec = _with_overrides(args.spec, args.set)
-    tune(spec, parse_grid(args.grid), args.out, seeds=args.seeds, overwrite=args.overwrite, plots=not args.no_plots)
+    tune(spec, parse_grid(args.grid), args.out, seeds=args.seeds, choose_seeds=args.choose_seeds,
+         overwrite=args.overwrite, plots=not args.no_plots)
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -183,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="values to try for a spec field, e.g. --grid train.lr=1e-3,3e-3,1e-2 (repeatable: every "
                    "combination is tried)")  # fmt: skip
     p.add_argument("--seeds", type=int, default=3, help="runs of the chosen setting, seeds train.seed, +1, ... (3)")
+    p.add_argument("--choose-seeds", type=int, default=1, metavar="N",
+                   help="seeds every setting runs with before the choice, made on their mean validation error (1)")
     p.add_argument("--out", required=True, help="folder for the runs, results.csv/.md, chosen.yaml and plots/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field for every run, as train does (repeatable)")  # fmt: skip

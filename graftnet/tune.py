@@ -1,9 +1,10 @@
 """``graftnet tune``: choose hyper-parameters on the validation split, then rerun the choice with several seeds.
 
-Every setting of the grid (the product of the values given per key) trains once with the spec's seed; the
-setting with the lowest validation error of its exported student is chosen (the test split is never looked
-at), and runs again with the next seeds. Each run is an ordinary run folder under ``out``, so an interrupted
-tune resumes where it stopped: finished runs are read back, an interrupted one continues from its checkpoint.
+Every setting of the grid (the product of the values given per key) trains once with the spec's seed (or with
+``choose_seeds`` seeds); the setting with the lowest validation error of its exported student (the mean over those
+seeds) is chosen (the test split is never looked at), and runs again with the next seeds. Each run is an
+ordinary run folder under ``out``, so an interrupted tune resumes where it stopped: finished runs are read back,
+an interrupted one continues from its checkpoint.
 
 ``out`` then holds ``results.csv`` and ``results.md`` (every run, and the chosen setting's mean ± std over
 seeds), ``chosen.yaml`` (the spec with the chosen settings, ready for ``graftnet train``), ``tune.json`` and
@@ -53,14 +54,19 @@ class Trial:
 
 @dataclass
 class TuneResult:
-    """What :func:`tune` found: the grid's runs (``trials``, the spec's seed), the ``chosen`` setting, and its
-    runs over every seed (``seeds``, the grid's run first)."""
+    """What :func:`tune` found: the grid's runs (``trials``: every setting with the first ``choose_seeds`` seeds),
+    the ``chosen`` setting, and its runs over every seed (``seeds``, the grid's runs first)."""
 
     out: Path
     grid: dict[str, list[Any]]
     trials: list[Trial]
     chosen: Setting
     seeds: list[Trial] = field(default_factory=list)
+    choose_seeds: int = 1
+
+    def runs_of(self, setting: Setting) -> list[Trial]:
+        """The grid's runs of ``setting`` (one per seed the choice was made on)."""
+        return [t for t in self.trials if t.setting == setting]
 
     def errors(self, which: str = "test_error") -> list[float]:
         """The chosen setting's ``test_error`` or ``val_error`` (%) per seed (failed runs are left out)."""
@@ -103,9 +109,14 @@ class TuneResult:
         test, test_sd = self.mean_std("test_error")
         val, val_sd = self.mean_std("val_error")
         first = self.seeds[0].result if self.seeds else self.trials[0].result
+        settings = len(self.trials) // max(self.choose_seeds, 1)
+        if self.choose_seeds > 1:
+            score = _choice_score(self.runs_of(self.chosen))
+            on = f"mean val error {score:.2f}% over {self.choose_seeds} seeds"
+        else:
+            on = f"val error {first.val_error:.2f}% with seed {self.seeds[0].seed if self.seeds else '-'}"
         lines = [
-            f"tune {self.out}: {len(self.trials)} settings, chosen on validation: {setting_text(self.chosen) or '-'} "
-            f"(val error {first.val_error:.2f}% with seed {self.seeds[0].seed if self.seeds else '-'})",
+            f"tune {self.out}: {settings} settings, chosen on validation: {setting_text(self.chosen) or '-'} ({on})",
             f"  over {len(self.seeds)} seeds: val error {val:.2f} ± {val_sd:.2f}%, "
             f"test error {test:.2f} ± {test_sd:.2f}%",
         ]
@@ -124,6 +135,19 @@ def _edge_text(edges: Mapping[str, str], chosen: Setting) -> str:
     where = ", ".join(f"{k.removeprefix('train.')}={_value_text(chosen[k])} is its {side} value"
                       for k, side in edges.items())  # fmt: skip
     return f"chosen at the edge of the grid ({where}): the best may lie beyond it, widen the grid there"
+
+
+def _seeds_text(seeds: range) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}–{seeds[-1]}"
+
+
+def _choice_score(runs: Sequence[Trial]) -> float | None:
+    """The mean validation error of a setting's grid runs; None if any of them diverged or has none (so a
+    setting that diverged with one seed of the choice is never chosen)."""
+    values = [t.result.val_error for t in runs]
+    if not runs or any(t.failed is not None for t in runs) or any(v is None for v in values):
+        return None
+    return statistics.fmean(v for v in values if v is not None)
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
@@ -189,6 +213,7 @@ def tune(
     out: str | Path,
     *,
     seeds: int = 3,
+    choose_seeds: int = 1,
     overwrite: bool = False,
     splits: Any = None,
     label: str | None = None,
@@ -204,6 +229,10 @@ def tune(
             An empty grid runs the spec as it is.
         out: the tune's folder; every run is a run folder under it.
         seeds: runs of the chosen setting, with seeds ``train.seed``, ``train.seed + 1``, ...
+        choose_seeds: seeds every setting runs with before the choice, which goes to the lowest mean validation
+            error over them (a setting that diverged with one of them is not chosen). 1 (the default) chooses on
+            one run; more make the choice less of a lottery where the validation split is small. The chosen
+            setting's runs then go on to ``max(seeds, choose_seeds)`` seeds.
         overwrite: start over where a run folder holds another spec's run (default: refuse).
         splits: data to use instead of building ``spec.data`` (shared by every run).
         label: the name of the chosen setting's runs in plots (default the method's name).
@@ -229,6 +258,8 @@ def tune(
         raise SpecError("graftnet tune needs a spec with student, data and train sections")
     if seeds < 1:
         raise SpecError(f"seeds must be at least 1, got {seeds}")
+    if choose_seeds < 1:
+        raise SpecError(f"choose_seeds must be at least 1, got {choose_seeds}")
     if not base.data.val_size:
         raise SpecError("graftnet tune chooses on the validation split: set data.val_size above 0")
     checked = {k: _checked_values(k, v, f"grid {k}") for k, v in grid.items()}
@@ -254,19 +285,24 @@ def tune(
         data = splits if splits is not None else _splits(spec, cache)
         return _run(setting, seed, spec, run_dir, overwrite, data, log, what)
 
-    log(f"graftnet tune → {out}: {len(settings)} setting(s) × seed {first_seed}, then {seeds} seed(s) of the choice")
-    trials = [run(s, sp, first_seed, f"{setting_text(s) or 'spec'} seed {first_seed}")
-              for s, sp in zip(settings, specs, strict=True)]  # fmt: skip
-    usable = [i for i, t in enumerate(trials) if t.failed is None and t.result.val_error is not None]
+    choice_seeds = range(first_seed, first_seed + choose_seeds)
+    log(f"graftnet tune → {out}: {len(settings)} setting(s) × {_seeds_text(choice_seeds)}, then "
+        f"{max(seeds, choose_seeds)} seed(s) of the choice")  # fmt: skip
+    runs = [[run(s, sp, seed, f"{setting_text(s) or 'spec'} seed {seed}") for seed in choice_seeds]
+            for s, sp in zip(settings, specs, strict=True)]  # fmt: skip
+    scores = [_choice_score(r) for r in runs]
+    usable = [i for i, score in enumerate(scores) if score is not None]
     if not usable:
-        raise GraftError(f"every setting of the grid failed or has no validation error ({trials[0].failed or 'none'}); "
+        reason = next((t.failed for r in runs for t in r if t.failed), None) or "none"
+        raise GraftError(f"every setting of the grid failed or has no validation error ({reason}); "
                          "try smaller learning rates")  # fmt: skip
-    best = min(usable, key=lambda i: trials[i].result.val_error)  # type: ignore[arg-type, return-value]
+    best = min(usable, key=lambda i: scores[i])  # type: ignore[arg-type, return-value]
     chosen = settings[best]
     log(f"chosen on validation: {setting_text(chosen) or 'the spec as given'} "
-        f"(val error {trials[best].result.val_error:.2f}%)")  # fmt: skip
-    result = TuneResult(out, checked, trials, chosen, [trials[best]])
-    for seed in range(first_seed + 1, first_seed + seeds):
+        f"({'mean ' if choose_seeds > 1 else ''}val error {scores[best]:.2f}%)")  # fmt: skip
+    trials = [t for r in runs for t in r]
+    result = TuneResult(out, checked, trials, chosen, list(runs[best]), choose_seeds)
+    for seed in range(first_seed + choose_seeds, first_seed + seeds):
         result.seeds.append(run(chosen, specs[best], seed, f"{setting_text(chosen) or 'spec'} seed {seed}"))
     _write(result, specs[best], plots, log)
     for line in result.summary():
@@ -334,7 +370,7 @@ _COLUMNS = ("phase", "seed", "val_error", "test_error", "min_p_w_student", "forc
 def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[str], None]) -> None:
     out = result.out
     keys = list(result.grid)
-    rows = [("grid", t) for t in result.trials] + [("seeds", t) for t in result.seeds[1:]]
+    rows = [("grid", t) for t in result.trials] + [("seeds", t) for t in result.seeds[result.choose_seeds:]]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow([*keys, *_COLUMNS])
@@ -350,13 +386,25 @@ def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[st
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
+    first = result.trials[0].seed
+    on = _seeds_text(range(first, first + result.choose_seeds))
     md = [f"# graftnet tune: {out}", "", stamp, "",
-          f"Grid (seed {result.trials[0].seed}); chosen on validation error only:", "",
+          f"Grid ({on}); chosen on validation error only"
+          + (" (the mean over the seeds)" if result.choose_seeds > 1 else "") + ":", "",
           "| setting | val error (%) | min p_w(student) | |", "| --- | --- | --- | --- |"]  # fmt: skip
-    for t in result.trials:
-        mark = "**chosen**" if t.setting == result.chosen else ("failed: diverged" if t.failed else "")
-        pw = "-" if t.result.min_p_w_student is None else f"{t.result.min_p_w_student:.4f}"
-        md.append(f"| {setting_text(t.setting) or 'spec'} | {pct(t.result.val_error)} | {pw} | {mark} |")
+    for setting in [t.setting for t in result.trials[:: result.choose_seeds]]:
+        runs = result.runs_of(setting)
+        failed = [t.seed for t in runs if t.failed]
+        mark = "**chosen**" if setting == result.chosen else ""
+        if failed:
+            mark = "failed: diverged" + (f" (seed {', '.join(map(str, failed))})" if result.choose_seeds > 1 else "")
+        vals = [t.result.val_error for t in runs if t.failed is None and t.result.val_error is not None]
+        shown = pct(statistics.fmean(vals)) if vals else "-"
+        if len(vals) > 1:
+            shown += f" ± {statistics.stdev(vals):.2f}"
+        pws = [t.result.min_p_w_student for t in runs if t.result.min_p_w_student is not None]
+        pw = f"{min(pws):.4f}" if pws else "-"
+        md.append(f"| {setting_text(setting) or 'spec'} | {shown} | {pw} | {mark} |")
     test, test_sd = result.mean_std("test_error")
     val, val_sd = result.mean_std("val_error")
     md += ["", f"Chosen setting over {len(result.seeds)} seeds (exported student alone):", "",
@@ -381,7 +429,8 @@ def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[st
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(body, sort_keys=False)
     (out / "chosen.yaml").write_text(text)
     payload = {
-        "grid": result.grid, "chosen": result.chosen, "at_edge": result.at_edge, "command": command_line(),
+        "grid": result.grid, "chosen": result.chosen, "at_edge": result.at_edge, "choose_seeds": result.choose_seeds,
+        "command": command_line(),
         "versions": provenance,
         "trials": [{"setting": t.setting, "seed": t.seed, "failed": t.failed, **t.result.to_json()}
                    for t in result.trials],

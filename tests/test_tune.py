@@ -78,6 +78,55 @@ def test_a_choice_at_the_edge_of_a_numeric_grid_is_flagged(tmp_path: Path, monke
                 log=lambda _: None).at_edge == {}  # fmt: skip
 
 
+class FakeTrainBySeed(FakeTrain):
+    """Val and test errors per (lr, seed); a missing pair diverges."""
+
+    def __init__(self, errors: dict[tuple[float, int], tuple[float, float]]) -> None:
+        super().__init__({})
+        self.by_seed = errors
+
+    def __call__(self, spec: Any, run_dir: Path, **kwargs: Any) -> RunResult:
+        self.errors = {spec.train.lr: self.by_seed[(spec.train.lr, spec.train.seed)]} if (
+            spec.train.lr, spec.train.seed) in self.by_seed else {}  # fmt: skip
+        result = super().__call__(spec, run_dir, **kwargs)
+        result.val_error = self.by_seed[(spec.train.lr, spec.train.seed)][0]  # without FakeTrain's + seed
+        result.write(run_dir / "results.json")
+        return result
+
+
+def test_choose_seeds_chooses_on_the_mean_validation_error_of_several_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # seed 0 alone prefers lr 0.1 (a lucky draw); over three seeds 0.01 is better; 0.001 diverges with seed 2
+    errors = {(0.1, 0): (2.0, 9.0), (0.1, 1): (8.0, 9.0), (0.1, 2): (8.0, 9.0),
+              (0.01, 0): (4.0, 3.0), (0.01, 1): (4.0, 4.0), (0.01, 2): (4.0, 5.0),
+              (0.001, 0): (1.0, 1.0), (0.001, 1): (1.0, 1.0)}  # fmt: skip
+    fake = FakeTrainBySeed(errors)
+    monkeypatch.setattr(tune_module, "train", fake)
+    lines: list[str] = []
+    grid = {"train.lr": [0.1, 0.01, 0.001]}
+    one = tune(SPEC, grid, tmp_path / "one", seeds=1, plots=False, log=lambda _: None)
+    assert one.chosen == {"train.lr": 0.001}  # one seed: the setting that later diverges looks best
+    fake.calls.clear()
+    r = tune(SPEC, grid, tmp_path / "t", seeds=3, choose_seeds=3, plots=False, log=lines.append)
+    assert r.chosen == {"train.lr": 0.01}  # 0.1's mean is 6.0; 0.001 diverged with seed 2: never chosen
+    assert len(fake.calls) == 9 and len(r.trials) == 9  # every setting × 3 seeds, and no reruns after
+    assert [t.seed for t in r.seeds] == [0, 1, 2] and r.mean_std("test_error") == (4.0, 1.0)
+    assert any("mean val error 4.00% over 3 seeds" in line for line in lines)
+    md = (tmp_path / "t" / "results.md").read_text()
+    assert "Grid (seeds 0–2); chosen on validation error only (the mean over the seeds)" in md
+    assert "| lr=0.1 | 6.00 ± 3.46 |" in md and "failed: diverged (seed 2)" in md
+    with open(tmp_path / "t" / "results.csv", newline="") as f:
+        assert [row["phase"] for row in csv.DictReader(f)] == ["grid"] * 9
+    # fewer choice seeds than seeds: the choice runs on to the rest
+    fake.calls.clear()
+    two = tune(SPEC, grid, tmp_path / "u", seeds=3, choose_seeds=2, plots=False, log=lambda _: None)
+    assert two.chosen == {"train.lr": 0.001} and [t.seed for t in two.seeds] == [0, 1, 2]
+    assert two.failures == 1  # the third seed of the choice diverged, and is reported as such
+    with pytest.raises(SpecError, match="choose_seeds"):
+        tune(SPEC, grid, tmp_path / "v", choose_seeds=0, plots=False, log=lambda _: None)
+
+
 def test_seeds_start_at_the_spec_seed_and_the_grid_may_not_set_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -199,3 +248,13 @@ def test_graftnet_tune_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["tune", str(spec), "--grid", "train.lr=3e-3,1e-2", "--seeds", "2", "--out", str(out),
                  "--set", "train.epochs=1", "--no-plots"]) == 0  # fmt: skip
     assert capsys.readouterr().out.count("done before") == 3
+
+
+def test_the_cli_passes_choose_seeds_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(tune_module, "tune", lambda *a, **kw: seen.update(kw))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(SPEC))
+    assert main(["tune", str(spec), "--grid", "train.lr=1e-3,1e-2", "--choose-seeds", "3", "--out",
+                 str(tmp_path / "t")]) == 0  # fmt: skip
+    assert seen["choose_seeds"] == 3 and seen["seeds"] == 3
