@@ -113,7 +113,8 @@ def main() -> None:
              "| diverged in the grid |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         pw = "-" if r["min_p_w"] is None else f"{r['min_p_w']:.4f}"
-        diverged = ", ".join(f"lr {v:g}" for v in r["diverged"]) or "-"
+        counts = {v: r["diverged"].count(v) for v in r["diverged"]}  # a learning rate per diverged run (seed)
+        diverged = ", ".join(f"lr {v:g}" + (f" ({n} seeds)" if n > 1 else "") for v, n in counts.items()) or "-"
         lr = f"{r['chosen']:g}" + (" (edge)" if r.get("at_edge") else "")
         lines.append(f"| {r['optimizer']} | {METHODS[r['method']]} | {lr} | {_ms(r['test'])} | "
                      f"{_ms(r['val'])} | {pw} | {r['forced']} | {diverged} |")  # fmt: skip
