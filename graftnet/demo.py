@@ -29,7 +29,7 @@ from graftnet.data import task_splits
 from graftnet.launch import train
 from graftnet.provenance import command_line, versions
 from graftnet.spec import load_spec
-from graftnet.tune import folder_name, setting_text, tune
+from graftnet.tune import folder_name, seeds_text, setting_text, tune
 
 __all__ = ["DemoConfig", "MethodSummary", "demo"]
 
@@ -87,8 +87,8 @@ class MethodSummary:
         return f"| {LABELS[self.method]} | {setting_text(self.setting)} | {mean:.2f} ± {std:.2f} | {val:.2f} | {p0} |"
 
 
-def _seeds(n: int) -> str:
-    return "seed 0" if n == 1 else f"the mean of seeds 0–{n - 1}"
+def _chosen_on(cfg: DemoConfig) -> str:
+    return seeds_text(1) if cfg.choose_seeds == 1 else f"the mean of {seeds_text(cfg.choose_seeds)}"
 
 
 LABELS = {
@@ -160,7 +160,7 @@ def demo(
         splits = task_splits(target)  # every method learns the same target data: generate it once
         summaries = []
         for method in cfg.methods:
-            log(f"{LABELS[method]}: choosing on validation ({_seeds(cfg.choose_seeds)}), then {cfg.seeds} seeds")
+            log(f"{LABELS[method]}: choosing on validation ({_chosen_on(cfg)}), then {cfg.seeds} seeds")
             r = tune(_student_spec(cfg, method, teachers_dir), cfg.grid(method), out / method, seeds=cfg.seeds,
                      choose_seeds=cfg.choose_seeds, overwrite=True, splits=splits, label=LABELS[method],
                      log=log)  # fmt: skip
@@ -175,7 +175,7 @@ def demo(
     stamp = ", ".join(f"{k} {v}" for k, v in versions().items())
     table = [
         f"Test error (%) of the exported students on MNIST-1D digits 0-4 ({cfg.target_train} labels), "
-        f"mean ± std over {cfg.seeds} seeds; settings chosen on validation ({_seeds(cfg.choose_seeds)}) by "
+        f"mean ± std over {cfg.seeds} seeds; settings chosen on validation ({_chosen_on(cfg)}) by "
         "graftnet tune.",
         f"Command: `{command_line()}`; {stamp}.",
         "",

@@ -35,7 +35,7 @@ from graftnet.spec import Spec, load_spec, override_spec, parse_yaml, short_repr
 from graftnet.training.results import RunResult
 from graftnet.training.run_dir import RESULTS_NAME, SPEC_NAME, spec_differences
 
-__all__ = ["Trial", "TuneResult", "folder_name", "parse_grid", "setting_text", "tune"]
+__all__ = ["Trial", "TuneResult", "folder_name", "parse_grid", "seeds_text", "setting_text", "tune"]
 
 Setting = dict[str, Any]
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -63,6 +63,15 @@ class TuneResult:
     chosen: Setting
     seeds: list[Trial] = field(default_factory=list)
     choose_seeds: int = 1
+
+    @property
+    def settings(self) -> list[Setting]:
+        """The grid's settings, in grid order (each appears in :attr:`trials` once per choice seed)."""
+        unique: list[Setting] = []
+        for t in self.trials:
+            if t.setting not in unique:
+                unique.append(t.setting)
+        return unique
 
     def runs_of(self, setting: Setting) -> list[Trial]:
         """The grid's runs of ``setting`` (one per seed the choice was made on)."""
@@ -109,14 +118,14 @@ class TuneResult:
         test, test_sd = self.mean_std("test_error")
         val, val_sd = self.mean_std("val_error")
         first = self.seeds[0].result if self.seeds else self.trials[0].result
-        settings = len(self.trials) // max(self.choose_seeds, 1)
         if self.choose_seeds > 1:
             score = _choice_score(self.runs_of(self.chosen))
             on = f"mean val error {score:.2f}% over {self.choose_seeds} seeds"
         else:
             on = f"val error {first.val_error:.2f}% with seed {self.seeds[0].seed if self.seeds else '-'}"
         lines = [
-            f"tune {self.out}: {settings} settings, chosen on validation: {setting_text(self.chosen) or '-'} ({on})",
+            f"tune {self.out}: {len(self.settings)} settings, chosen on validation: "
+            f"{setting_text(self.chosen) or '-'} ({on})",
             f"  over {len(self.seeds)} seeds: val error {val:.2f} ± {val_sd:.2f}%, "
             f"test error {test:.2f} ± {test_sd:.2f}%",
         ]
@@ -137,8 +146,10 @@ def _edge_text(edges: Mapping[str, str], chosen: Setting) -> str:
     return f"chosen at the edge of the grid ({where}): the best may lie beyond it, widen the grid there"
 
 
-def _seeds_text(seeds: range) -> str:
-    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}–{seeds[-1]}"
+def seeds_text(choose_seeds: int, first_seed: int = 0) -> str:
+    """``seed 0`` or ``seeds 0–2``: the seeds a tune chooses on (for its reports and the demo's table)."""
+    last = first_seed + choose_seeds - 1
+    return f"seed {first_seed}" if choose_seeds == 1 else f"seeds {first_seed}–{last}"
 
 
 def _choice_score(runs: Sequence[Trial]) -> float | None:
@@ -286,7 +297,7 @@ def tune(
         return _run(setting, seed, spec, run_dir, overwrite, data, log, what)
 
     choice_seeds = range(first_seed, first_seed + choose_seeds)
-    log(f"graftnet tune → {out}: {len(settings)} setting(s) × {_seeds_text(choice_seeds)}, then "
+    log(f"graftnet tune → {out}: {len(settings)} setting(s) × {seeds_text(choose_seeds, first_seed)}, then "
         f"{max(seeds, choose_seeds)} seed(s) of the choice")  # fmt: skip
     runs = [[run(s, sp, seed, f"{setting_text(s) or 'spec'} seed {seed}") for seed in choice_seeds]
             for s, sp in zip(settings, specs, strict=True)]  # fmt: skip
@@ -386,13 +397,12 @@ def _write(result: TuneResult, chosen_spec: Spec, plots: bool, log: Callable[[st
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    first = result.trials[0].seed
-    on = _seeds_text(range(first, first + result.choose_seeds))
+    on = seeds_text(result.choose_seeds, result.trials[0].seed)
     md = [f"# graftnet tune: {out}", "", stamp, "",
           f"Grid ({on}); chosen on validation error only"
           + (" (the mean over the seeds)" if result.choose_seeds > 1 else "") + ":", "",
           "| setting | val error (%) | min p_w(student) | |", "| --- | --- | --- | --- |"]  # fmt: skip
-    for setting in [t.setting for t in result.trials[:: result.choose_seeds]]:
+    for setting in result.settings:
         runs = result.runs_of(setting)
         failed = [t.seed for t in runs if t.failed]
         mark = "**chosen**" if setting == result.chosen else ""
