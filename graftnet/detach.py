@@ -33,8 +33,9 @@ def detach(g: GraftedModel, tol: float = 1e-3, *, force: bool = False) -> nn.Mod
         DetachError: some site is below 1 − tol; lists each site's p_w(student) and the gap.
 
     Examples:
-        >>> s = detach(g, tol=1e-3)              # doctest: +SKIP
-        >>> torch.save(s.state_dict(), ...)      # or: graftnet export
+        >>> student = detach(g, tol=1e-3)                  # doctest: +SKIP
+        >>> # or detach, verify on a probe batch and write the file in one:
+        >>> graftnet.export(g, "student.safetensors")      # doctest: +SKIP
     """
     if not isinstance(g, GraftedModel):
         raise DetachError(f"detach() takes a GraftedModel from graftnet.graft(), got a {type(g).__name__}")

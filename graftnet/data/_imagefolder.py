@@ -24,7 +24,7 @@ Options (``data.kwargs``):
   ``val`` and ``test`` are never augmented.
 
 Examples:
-    >>> from graftnet.data.sources import make_splits
+    >>> from graftnet.data import make_splits
     >>> s = make_splits("imagefolder", {"root": "my_images", "size": 32})  # doctest: +SKIP
     >>> s.train[0][0].shape  # doctest: +SKIP
     torch.Size([3, 32, 32])

@@ -36,7 +36,7 @@ whether to fetch a file again. MNIST and EMNIST are always read from ``raw/``: t
 ``processed/*.pt`` files (loaded with ``torch.load``) are never opened, whatever is there.
 
 Examples:
-    >>> from graftnet.data.sources import make_splits
+    >>> from graftnet.data import make_splits
     >>> s = make_splits("cifar10", {"root": "data"}, val_size=5000)  # doctest: +SKIP
     >>> s.train[0][0].shape, s.num_classes  # doctest: +SKIP
     (torch.Size([3, 32, 32]), 10)
