@@ -58,6 +58,8 @@ __all__ = [
 MAX_SEED = 2**32 - 1
 #: ``train.method: ban`` trains generation k with the seed ``train.seed * BAN_SEED_STRIDE + k``.
 BAN_SEED_STRIDE = 1000
+# train.feature_hint when unset, per train.optimizer (TrainSpec.feature_hint_weight says why)
+DEFAULT_FEATURE_HINT: dict[str, float] = {"adam": 0.3, "adamw": 0.3, "sgd": 1.0}
 #: One sample of ``input_shape`` holds at most this many elements (a 16-bit 4096×4096 RGB image holds 2**25.6).
 MAX_INPUT_ELEMENTS = 2**28
 #: A spec file is read up to this size, and its data may hold at most this many values, nested this deep, counted
@@ -482,12 +484,13 @@ class TrainSpec(_Strict):
     lambda1: Lambda1Spec = Field(default_factory=Lambda1Spec)
     lambda2: float = Field(0.1, ge=0.0, description="Weight of KL(f_θ ‖ f_θold), the paper's λ2.")
     kl_lag: int = Field(1, ge=1, description="θ_old is refreshed every kl_lag optimiser steps (1: the step before).")
-    feature_hint: float = Field(
-        0.3, ge=0.0,
+    feature_hint: float | None = Field(
+        None, ge=0.0,
         description="Weight of the feature hint (knowledge_flow, until the cut): the mean squared distance from each "
         "site's pre-activation to its adapted taps, which trains the student and the learned tap adapters (never "
         "the teachers), so the student's own layers learn what the teachers give the site (0: the paper's "
-        "objective; 0.3: chosen by graftnet's transfer study, examples/README.md, \"Feature hints\").",
+        "objective; default: 0.3 with adam and adamw, 1 with sgd, chosen by graftnet's transfer study, "
+        "examples/README.md, \"Feature hints\").",
     )  # fmt: skip
     cut_teachers_at: float | None = Field(
         0.7, gt=0.0, le=1.0,
@@ -515,6 +518,25 @@ class TrainSpec(_Strict):
                 "(add one with graftnet.register_method)"
             )
         return method
+
+    @property
+    def feature_hint_weight(self) -> float:
+        """``feature_hint``, or its default for ``optimizer`` when unset: 0.3 under Adam (and AdamW), 1 under SGD.
+
+        One number did not suit both: Adam steps every parameter by about its learning rate whatever the loss's
+        scale, SGD by the gradient, so the hint's pull under SGD grows with its weight. With every learning rate
+        chosen on three seeds, 1 under SGD was better than 0.3 or level in all eight cells of the transfer study
+        (examples/README.md, "Feature hints"); under Adam 0.3 was better than 1.
+
+        Examples:
+            >>> TrainSpec().feature_hint_weight, TrainSpec(optimizer="sgd").feature_hint_weight
+            (0.3, 1.0)
+            >>> TrainSpec(optimizer="sgd", feature_hint=0).feature_hint_weight   # the paper's objective
+            0.0
+        """
+        if self.feature_hint is not None:
+            return self.feature_hint
+        return DEFAULT_FEATURE_HINT[self.optimizer]
 
 
 class RLSpec(_Strict):

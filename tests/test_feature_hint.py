@@ -13,6 +13,7 @@ import graftnet
 from graftnet import KnowledgeFlow
 from graftnet.errors import GraftError
 from graftnet.models.a3c import A3CNet
+from graftnet.spec import TrainSpec, override_spec
 
 
 def _capture_mixer_inputs(g: graftnet.GraftedModel) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -124,11 +125,29 @@ def test_knowledge_flow_adds_the_weighted_hint_until_the_cut() -> None:
     after = kf.loss(x, torch.zeros(len(x), dtype=torch.long), 0.9)
     assert "hint_loss" not in after.parts and "dep_loss" not in after.parts
 
-    default, loss, _ = _one_loss({})  # on by default, at the weight the transfer study chose
-    assert default.settings.feature_hint == 0.3 and loss.parts["hint_loss"] > 0
+    default, loss, _ = _one_loss({})  # on by default, at the weight the transfer study chose for Adam
+    assert default.settings.feature_hint_weight == 0.3 and loss.parts["hint_loss"] > 0
     plain, loss, _ = _one_loss({"feature_hint": 0.0})  # the paper's objective: no hint kept
     assert "hint_loss" not in loss.parts
     assert not any(m.keeps_hint for m in plain.model.mixers.values())
+
+
+def test_the_default_weight_follows_the_optimizer_and_a_given_one_wins() -> None:
+    """Unset, the weight is the transfer study's choice for the optimizer; the spec keeps it unset, so that a
+    spec whose optimizer is overridden later (``--set train.optimizer=sgd``, a tune's grid) gets that optimizer's."""
+    sgd, loss, _ = _one_loss({"optimizer": "sgd"})
+    assert sgd.settings.feature_hint is None and sgd.settings.feature_hint_weight == 1.0
+    rest = loss.parts["task_loss"] + sgd.lambda1(0.5) * loss.parts["dep_loss"] + 0.1 * loss.parts["kl_loss"]
+    assert loss.total.item() == pytest.approx((rest + 1.0 * loss.parts["hint_loss"]).item(), rel=1e-5)
+    adam = graftnet.load_spec({"train": {"method": "scratch"}})
+    assert adam.train is not None and adam.train.feature_hint_weight == 0.3
+    moved = override_spec(adam, {"train.optimizer": "sgd"})
+    assert moved.train is not None and moved.train.feature_hint_weight == 1.0
+    given = override_spec(adam, {"train.optimizer": "sgd", "train.feature_hint": 0.3})
+    assert given.train is not None and given.train.feature_hint_weight == 0.3
+    assert {name: TrainSpec(optimizer=name).feature_hint_weight for name in ("adam", "adamw", "sgd")} == {
+        "adam": 0.3, "adamw": 0.3, "sgd": 1.0
+    }
 
 
 def test_the_spec_takes_the_hint_weight_and_refuses_a_negative_one() -> None:

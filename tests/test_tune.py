@@ -176,9 +176,9 @@ def test_a_run_written_before_a_setting_existed_is_not_read_back_as_todays_defau
     tune(SPEC, {"train.lr": [0.1]}, tmp_path / "t", seeds=1, plots=False, log=lambda _: None)
     saved = tmp_path / "t" / "lr=0.1" / "seed0" / "spec.json"
     old = json.loads(saved.read_text())
-    del old["train"]["feature_hint"]
+    del old["train"]["lambda2"]
     saved.write_text(json.dumps(old))
-    with pytest.raises(GraftError, match=r"train\.feature_hint \(missing in the run, 0\.3 now\)"):
+    with pytest.raises(GraftError, match=r"train\.lambda2 \(missing in the run, 0\.1 now\)"):
         tune(SPEC, {"train.lr": [0.1]}, tmp_path / "t", seeds=1, plots=False, log=lambda _: None)
     fake.calls.clear()
     tune(SPEC, {"train.lr": [0.1]}, tmp_path / "t", seeds=1, overwrite=True, plots=False, log=lambda _: None)

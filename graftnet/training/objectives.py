@@ -509,10 +509,11 @@ class KnowledgeFlow(Objective):
     λ1(t) follows ``lambda1`` (0, then a ramp to its final value); θ_old is a snapshot of every trainable
     parameter (student, w, Q) refreshed before each optimizer step (every ``kl_lag`` steps), and the KL pass
     reuses the batch's teacher taps and dropout masks. With ``cut_teachers_at`` the teachers are removed at
-    that fraction of training and the plain student trains on (:meth:`maybe_cut`). With ``feature_hint`` > 0 (default
-    0.3) it adds that weight times the feature hint (:meth:`GraftedModel.feature_hint_loss`) until the cut: not in
-    the paper (``feature_hint=0`` is its objective), and what makes knowledge flow pay off in graftnet's transfer
-    study (examples/README.md, "Feature hints").
+    that fraction of training and the plain student trains on (:meth:`maybe_cut`). With a feature-hint weight > 0
+    (``feature_hint``; unset, 0.3 under Adam and 1 under SGD: :attr:`TrainSpec.feature_hint_weight`) it adds that
+    weight times the feature hint (:meth:`GraftedModel.feature_hint_loss`) until the cut: not in the paper
+    (``feature_hint=0`` is its objective), and what makes knowledge flow pay off in graftnet's transfer study
+    (examples/README.md, "Feature hints").
 
     With ``train.kd.with_knowledge_flow`` the task loss is Hinton's KD loss against ``distill_from`` (a whole
     teacher with the target's output space): the student also matches that teacher's softened outputs, after the
@@ -539,7 +540,7 @@ class KnowledgeFlow(Objective):
         self.model: GraftedModel = model
         self.snapshot = ParameterSnapshot(model, compile=self.settings.compile) if self.settings.lambda2 > 0 else None
         self._rng: RngState | None = None
-        if self.settings.feature_hint > 0:
+        if self.settings.feature_hint_weight > 0:
             model.keep_feature_hints()
         kd = self.settings.kd
         self.kd = kd if kd is not None and kd.with_knowledge_flow else None
@@ -596,10 +597,10 @@ class KnowledgeFlow(Objective):
             dep = self.model.dependency_loss()
             parts["dep_loss"] = dep
             terms.append(self.lambda1(progress) * dep)
-            if self.settings.feature_hint > 0:
+            if self.settings.feature_hint_weight > 0:
                 hint = self.model.feature_hint_loss()
                 parts["hint_loss"] = hint
-                terms.append(self.settings.feature_hint * hint)
+                terms.append(self.settings.feature_hint_weight * hint)
         if self.snapshot is not None:
             snapshot, rng = self.snapshot, self._rng
             old = self.in_precision(lambda x: snapshot.outputs(self.model, x, rng), x)
