@@ -525,8 +525,9 @@ class TrainSpec(_Strict):
 
         One number did not suit both: Adam steps every parameter by about its learning rate whatever the loss's
         scale, SGD by the gradient, so the hint's pull under SGD grows with its weight. With every learning rate
-        chosen on three seeds, 1 under SGD was better than 0.3 or level in all eight cells of the transfer study
-        (examples/README.md, "Feature hints"); under Adam 0.3 was better than 1.
+        chosen on three seeds, 1 under SGD was better than 0.3 on validation in all four 50-label cells of the
+        transfer study, slightly worse with 250 labels, level in the Table 4 analogue (examples/README.md, "The
+        hint's weight under SGD"); under Adam 0.3 was better than 1 on validation.
 
         Examples:
             >>> TrainSpec().feature_hint_weight, TrainSpec(optimizer="sgd").feature_hint_weight
