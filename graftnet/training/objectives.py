@@ -540,7 +540,8 @@ class KnowledgeFlow(Objective):
         self.model: GraftedModel = model
         self.snapshot = ParameterSnapshot(model, compile=self.settings.compile) if self.settings.lambda2 > 0 else None
         self._rng: RngState | None = None
-        if self.settings.feature_hint_weight > 0:
+        self.hint_weight = self.settings.feature_hint_weight  # resolved once: it depends on the optimizer
+        if self.hint_weight > 0:
             model.keep_feature_hints()
         kd = self.settings.kd
         self.kd = kd if kd is not None and kd.with_knowledge_flow else None
@@ -597,10 +598,10 @@ class KnowledgeFlow(Objective):
             dep = self.model.dependency_loss()
             parts["dep_loss"] = dep
             terms.append(self.lambda1(progress) * dep)
-            if self.settings.feature_hint_weight > 0:
+            if self.hint_weight > 0:
                 hint = self.model.feature_hint_loss()
                 parts["hint_loss"] = hint
-                terms.append(self.settings.feature_hint_weight * hint)
+                terms.append(self.hint_weight * hint)
         if self.snapshot is not None:
             snapshot, rng = self.snapshot, self._rng
             old = self.in_precision(lambda x: snapshot.outputs(self.model, x, rng), x)
