@@ -2,11 +2,11 @@
 
 `train.lr_adapters` is absolute, so a learning-rate grid cannot keep it at a fixed fraction of `train.lr`; this
 wraps the optimizer groups so that, where `lr_adapters` is unset, the adapters get `train.lr × ADAPTER_RATIO`
-(examples/README.md, "The bar for the defaults": the SGD other-architecture row). Runs in forked workers inherit it.
+instead of their default (`TrainSpec.adapter_lr`: lr under Adam, lr / 10 under SGD, chosen with this probe:
+examples/README.md, "The adapters' learning rate under SGD"). Runs in forked workers inherit it.
 
-Run:  ADAPTER_RATIO=0.1 python examples/adapter_lr_probe.py examples/transfer_study.py --out runs/sgd_oa_r01 \\
-          --teachers-from runs/sgd_wide --optimizer sgd --scenarios other_arch --methods knowledge_flow \\
-          --lrs 0.03 0.1 0.3 --choose-seeds 3 --set train.feature_hint=1
+Run:  ADAPTER_RATIO=0.1 python examples/adapter_lr_probe.py examples/transfer_study.py --out runs/adam_oa_r01 \\
+          --scenarios other_arch --methods knowledge_flow --lrs 0.003 0.01 0.03 --choose-seeds 3
 """
 
 from __future__ import annotations

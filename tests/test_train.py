@@ -226,6 +226,23 @@ def test_learning_rates_are_separate(tmp_path: Path) -> None:
     assert not any(p is q for p in groups["student"]["params"] for q in g.teachers.parameters())
 
 
+
+def test_the_adapters_learn_at_lr_under_adam_and_at_a_tenth_of_it_under_sgd() -> None:
+    """Unset, lr_adapters follows the optimizer (TrainSpec.adapter_lr: the transfer study's choice); a value wins."""
+    student = build_model("graftnet:cnn1d", {"num_classes": 3, "channels": [8, 8]})
+    wider = build_model("graftnet:cnn1d", {"num_classes": 3, "channels": [16, 16]})
+    sites = [{"student": f"features.act{i}", "taps": [f"t:features.act{i}"]} for i in (1, 2)]
+    g = graftnet.graft(student, {"t": wider}, {"sites": sites}, example_input=torch.randn(2, 1, 40))
+
+    def lrs(**settings: object) -> dict[str, float]:
+        groups = graftnet.KnowledgeFlow(g, {"lr": 0.1, **settings}, total_steps=10).param_groups()
+        return {group["name"]: group["lr"] for group in groups}
+
+    assert lrs()["adapters"] == 0.1 and lrs(optimizer="adamw")["adapters"] == 0.1
+    sgd = lrs(optimizer="sgd")
+    assert sgd["adapters"] == pytest.approx(0.01) and sgd["student"] == 0.1  # the 8→16-channel 1×1 adapters Q
+    assert lrs(optimizer="sgd", lr_adapters=0.05)["adapters"] == 0.05
+
 # ---- methods ------------------------------------------------------------------------------------------------
 
 

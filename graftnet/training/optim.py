@@ -36,7 +36,8 @@ def default_lr_mixing(settings: TrainSpec, total_steps: int) -> float:
 def param_groups(model: nn.Module, settings: TrainSpec, total_steps: int | None = None) -> list[dict[str, Any]]:
     """Optimizer parameter groups ``student``, ``mixing`` (the logits w) and ``adapters`` (Q and input adapters).
 
-    Each has its own learning rate (``lr``, ``lr_mixing``, ``lr_adapters``); w never decays. A group is
+    Each has its own learning rate (``lr``, ``lr_mixing``, ``lr_adapters``; unset, the last two default to
+    :func:`default_lr_mixing` and :attr:`TrainSpec.adapter_lr`); w never decays. A group is
     left out when it has no trainable parameter, and every group carries its ``name``.
 
     Raises:
@@ -60,7 +61,7 @@ def param_groups(model: nn.Module, settings: TrainSpec, total_steps: int | None 
                 "(epochs × batches per epoch), or set lr_mixing"
             )
         mixing_lr = default_lr_mixing(settings, total_steps)
-    lrs = {"student": settings.lr, "mixing": mixing_lr, "adapters": settings.lr_adapters or settings.lr}
+    lrs = {"student": settings.lr, "mixing": mixing_lr, "adapters": settings.adapter_lr}
     decay = {"student": settings.weight_decay, "mixing": 0.0, "adapters": settings.weight_decay}
     return [{"params": ps, "lr": lrs[k], "weight_decay": decay[k], "name": k} for k, ps in groups.items() if ps]
 
