@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from graftnet._version import __version__
-from graftnet.errors import CheckpointError, GraftError
+from graftnet.errors import CheckpointError, GraftError, NonFiniteError
 from graftnet.graft import GraftedModel, graft
 from graftnet.models import MODEL_SOURCES
 from graftnet.spec import Spec, load_spec
@@ -357,7 +357,7 @@ def _check_finite(tensors: Mapping[str, torch.Tensor], what: str, fix: str) -> N
     bad = _non_finite(tensors)
     if bad is not None:
         name, count, total = bad
-        raise CheckpointError(f"{what}: tensor {name!r} has {count} of {total} values that are NaN or infinite; {fix}")
+        raise NonFiniteError(f"{what}: tensor {name!r} has {count} of {total} values that are NaN or infinite; {fix}")
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
@@ -899,7 +899,7 @@ def export(
     for label, outs in (("the detached student", student_out), ("the grafted model", grafted_out)):
         for i, t in enumerate(outs):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise CheckpointError(
+                raise NonFiniteError(
                     f"refusing to export the student to {str(out)!r}: output {i} of {label} on the probe batch is "
                     "NaN or infinite, though every tensor is finite; the model is numerically broken (overflowing "
                     "activations?) — export an earlier checkpoint"

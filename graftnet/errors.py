@@ -11,6 +11,7 @@ __all__ = [
     "GraftError",
     "ModelSourceError",
     "NameResolutionError",
+    "NonFiniteError",
     "SpecError",
     "TraceError",
     "TrainingError",
@@ -47,6 +48,10 @@ class DetachError(GraftError):
 
 class CheckpointError(GraftError):
     """A checkpoint or exported file is missing, corrupt, or belongs to another model; or a write is refused."""
+
+
+class NonFiniteError(CheckpointError):
+    """A model to be saved or exported holds NaN or infinite values, or answers a probe batch with them."""
 
 
 class DataError(GraftError):

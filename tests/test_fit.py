@@ -221,6 +221,21 @@ def test_a_diverging_run_stops_before_it_saves_or_exports_a_broken_student(tmp_p
         assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
 
 
+def test_a_student_that_overflows_on_the_probe_batch_is_a_diverged_run_not_a_crash(tmp_path: Path) -> None:
+    """Finite weights and losses, but outputs that overflow (seen in a tune at SGD lr 1): the run ends with a
+    TrainingError, which a tune counts as a failed setting, and leaves no student file."""
+    from graftnet.training.finish import export_student
+
+    g = graftnet.graft(_cnn(0), {"t": _cnn(1)}, {"sites": SITES, "input_shape": [1, 40]})
+    head = [m for m in g.student.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.fill_(3.4e38), head.bias.fill_(3.4e38)  # finite, but the logits overflow float32
+    assert all(torch.isfinite(p).all() for p in g.parameters())
+    with pytest.raises(TrainingError, match="numerically broken, so the run diverged: .*probe batch is NaN or inf"):
+        export_student(g, tmp_path, tol=0.5)
+    assert not (tmp_path / "student.safetensors").exists()
+
+
 def test_non_finite_state_is_named(tmp_path: Path) -> None:
     from graftnet.training.guards import check_finite_state
 

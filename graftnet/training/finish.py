@@ -9,6 +9,7 @@ from torch import nn
 
 from graftnet.checkpoint import export
 from graftnet.detach import detach, student_dependence
+from graftnet.errors import NonFiniteError, TrainingError
 from graftnet.graft import GraftedModel
 from graftnet.training.run_dir import STUDENT_NAME
 
@@ -39,12 +40,16 @@ def export_student(
     never reports a student it does not hold.
 
     Raises:
-        CheckpointError: the student holds NaN/inf values or answers the probe batch with them (names the
-            tensor), or the file cannot be written or does not verify (says where and why).
+        TrainingError: the student holds NaN/inf values or answers the probe batch with them (names the tensor):
+            the run diverged, though its losses stayed finite (a tune counts it as a failed setting).
+        CheckpointError: the file cannot be written or does not verify (says where and why).
     """
     dependence = student_dependence(g) or dict(dependence_at_cut or {})
     low = min(dependence.values(), default=1.0)
     forced = low < 1.0 - tol
     g.cpu()
-    export(g, run_dir / STUDENT_NAME, tol=tol, force=forced, overwrite=True)
+    try:
+        export(g, run_dir / STUDENT_NAME, tol=tol, force=forced, overwrite=True)
+    except NonFiniteError as e:
+        raise TrainingError(f"the trained student is numerically broken, so the run diverged: {e}") from e
     return ExportedStudent(detach(g, force=True), low if dependence else None, forced)
