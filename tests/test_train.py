@@ -22,6 +22,7 @@ from graftnet.errors import DataError, ModelSourceError, SpecError, TrainingErro
 from graftnet.launch import train
 from graftnet.losses import ParameterSnapshot, RngState, kd_loss, kl_to_old, lambda1_at
 from graftnet.models import build_model
+from graftnet.spec import TrainSpec, override_spec
 from graftnet.training.evaluation import evaluate
 from graftnet.training.objectives import METHODS, KnowledgeFlow
 
@@ -242,6 +243,35 @@ def test_the_adapters_learn_at_lr_under_adam_and_at_a_tenth_of_it_under_sgd() ->
     sgd = lrs(optimizer="sgd")
     assert sgd["adapters"] == pytest.approx(0.01) and sgd["student"] == 0.1  # the 8→16-channel 1×1 adapters Q
     assert lrs(optimizer="sgd", lr_adapters=0.05)["adapters"] == 0.05
+
+
+def test_w_learns_at_a_multiple_of_lr_and_faster_only_without_a_floor() -> None:
+    """Unset, lr_mixing is lr_mixing_factor × lr (10 under Adam, 0.1 under SGD); without the p_w floor w must also be
+    able to move 20 units over the λ1 ramp."""
+    student = build_model("graftnet:cnn1d", {"num_classes": 3, "channels": [8, 8]})
+    teacher = build_model("graftnet:cnn1d", {"num_classes": 3, "channels": [8, 8]})
+    sites = [{"student": "features.act1", "taps": ["t:features.act1"]}]
+    g = graftnet.graft(student, {"t": teacher}, {"sites": sites}, example_input=torch.randn(2, 1, 40))
+
+    def w_lr(**settings: object) -> float:
+        groups = graftnet.KnowledgeFlow(g, {"lr": 1e-3, **settings}, total_steps=100).param_groups()
+        return {group["name"]: group["lr"] for group in groups}["mixing"]
+
+    assert w_lr() == pytest.approx(0.01)  # the floor hands the sites back: 10 × lr, however short the run
+    assert w_lr(lr_mixing_factor=3) == pytest.approx(0.003)
+    assert w_lr(optimizer="sgd", lr=0.3) == pytest.approx(0.03)
+    assert w_lr(optimizer="sgd", lr=0.3, lr_mixing_factor=10) == pytest.approx(3.0)
+    assert w_lr(p_w_floor=None) == pytest.approx(20 / 50)  # the λ1 ramp, 10–60% of 100 steps
+    assert w_lr(p_w_floor=None, lr=0.1) == pytest.approx(1.0)  # 10 × lr, above 20 / 50
+    assert w_lr(lr_mixing=0.5) == 0.5
+    dumped = graftnet.KnowledgeFlow(g, TrainSpec(lr_mixing=0.5), total_steps=100)  # dumps the default factor
+    assert {group["name"]: group["lr"] for group in dumped.param_groups()}["mixing"] == 0.5
+    adam = graftnet.load_spec({"train": {"method": "scratch"}})  # unset in the spec: an override of the
+    moved = override_spec(adam, {"train.optimizer": "sgd"})  # optimizer (a tune's grid) gets that optimizer's factor
+    assert adam.train is not None and moved.train is not None
+    assert (adam.train.mixing_lr_factor, moved.train.mixing_lr_factor) == (10.0, 0.1)
+    with pytest.raises(SpecError, match="invalid train settings: w.s learning rate is set twice"):
+        graftnet.KnowledgeFlow(g, {"lr_mixing": 0.5, "lr_mixing_factor": 3}, total_steps=100)
 
 # ---- methods ------------------------------------------------------------------------------------------------
 

@@ -94,13 +94,19 @@ class StepLoss:
     logits: torch.Tensor
 
 
+def _problem(loc: tuple[Any, ...], msg: str) -> str:
+    """One validation problem as ``lambda1.end: message`` (a whole-settings check has no path)."""
+    where, msg = ".".join(str(p) for p in loc), msg.removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
 def _settings(settings: TrainSpec | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> TrainSpec:
     """The train settings as a validated :class:`TrainSpec`: ``settings`` with ``overrides`` on top."""
     base = settings.model_dump() if isinstance(settings, TrainSpec) else dict(settings or {})
     try:
         return TrainSpec.model_validate({**base, **overrides})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(_problem(err["loc"], err["msg"]) for err in e.errors())
         raise SpecError(f"invalid train settings: {problems}") from e
 
 

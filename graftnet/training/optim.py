@@ -19,18 +19,28 @@ __all__ = ["default_lr_mixing", "lr_factor", "make_optimizer", "param_groups", "
 
 
 def default_lr_mixing(settings: TrainSpec, total_steps: int) -> float:
-    """The learning rate of w when ``train.lr_mixing`` is not set.
+    """The learning rate of w when ``train.lr_mixing`` is not set: :attr:`TrainSpec.mixing_lr_factor` × ``lr``.
 
-    p_w(student) ≥ 0.999 needs the student's logit ~7–10 above the teachers'. By default w may move 20 units
-    over the λ1 ramp (a too-slow w leaves p_w(student) near 0.9 and the student alone fails), and never less
-    than 10 × the student's learning rate.
+    That is 10 × ``lr`` under Adam and 0.1 × under SGD. With the p_w floor on (the default), the floor hands every
+    site back to the student by the cut, so w only has to learn how far to trust the teachers meanwhile. Without a
+    floor (``p_w_floor: null``) w alone must push p_w(student) ≥ 0.999, a logit gap of ~7–10, and Adam moves w
+    about its learning rate per step: w may then also move 20 units over the λ1 ramp, which short runs need (a
+    too-slow w leaves p_w(student) near 0.9). That was the default with the floor on too until the transfer study
+    found it too fast with the feature hint (examples/README.md, "w's learning rate with the hint").
 
     Examples:
-        >>> default_lr_mixing(TrainSpec(lr=1e-3), total_steps=1000)   # ramp over 10–60%: 500 steps
+        >>> default_lr_mixing(TrainSpec(lr=1e-3), total_steps=1000)
+        0.01
+        >>> default_lr_mixing(TrainSpec(lr=0.3, optimizer="sgd"), total_steps=1000)
+        0.03
+        >>> default_lr_mixing(TrainSpec(lr=1e-3, p_w_floor=None), total_steps=1000)   # ramp 10–60%: 500 steps
         0.04
     """
+    relative = settings.mixing_lr_factor * settings.lr
+    if settings.p_w_floor is not None:
+        return relative
     ramp_steps = max(1.0, (settings.lambda1.end - settings.lambda1.start) * total_steps)
-    return max(10 * settings.lr, 20.0 / ramp_steps)
+    return max(relative, 20.0 / ramp_steps)
 
 
 def param_groups(model: nn.Module, settings: TrainSpec, total_steps: int | None = None) -> list[dict[str, Any]]:
