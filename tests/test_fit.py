@@ -229,7 +229,8 @@ def test_a_student_that_overflows_on_the_probe_batch_is_a_diverged_run_not_a_cra
     g = graftnet.graft(_cnn(0), {"t": _cnn(1)}, {"sites": SITES, "input_shape": [1, 40]})
     head = [m for m in g.student.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
-        head.weight.fill_(3.4e38), head.bias.fill_(3.4e38)  # finite, but the logits overflow float32
+        head.weight.fill_(3.4e38)  # finite, but the logits overflow float32
+        head.bias.fill_(3.4e38)
     assert all(torch.isfinite(p).all() for p in g.parameters())
     with pytest.raises(TrainingError, match="numerically broken, so the run diverged: .*probe batch is NaN or inf"):
         export_student(g, tmp_path, tol=0.5)
