@@ -47,6 +47,7 @@ __all__ = [
     "schema",
     "short_repr",
     "teacher_name_problem",
+    "validation_problems",
 ]
 
 # --- limits on untrusted input --------------------------------------------------------------------------------
@@ -728,11 +729,16 @@ def _dotted(loc: tuple[Any, ...] | list[Any]) -> str:
     return text.lstrip(".") + (" (a key)" if "[key]" in loc else "")
 
 
+def validation_problems(err: ValidationError) -> list[tuple[str, str]]:
+    """Each problem of ``err`` as ``(path, message)``, the path as messages write it (``lambda1.end``; empty for a
+    check of the whole model, whose message names what it is about)."""
+    return [(_dotted(e["loc"]), str(e["msg"]).removeprefix("Value error, "))
+            for e in err.errors(include_url=False, include_input=False)]  # fmt: skip
+
+
 def _format_validation_error(err: ValidationError, source: str, origins: Mapping[str, str]) -> str:
     lines = [f"invalid spec {source}:"]
-    for e in err.errors(include_url=False, include_input=False):
-        msg = str(e["msg"]).removeprefix("Value error, ")
-        path = _dotted(e["loc"])
+    for path, msg in validation_problems(err):
         line = f"  {path}: {msg}" if path else f"  {msg}"
         at = path or msg.partition(":")[0]  # a whole-spec check names its path at the start of its message
         origin = next((o for key, o in origins.items() if _within(at, key) or _within(key, at)), None)

@@ -51,7 +51,7 @@ from graftnet.losses import (
 from graftnet.mixer import full_precision
 from graftnet.models import build_model
 from graftnet.registry import Registry
-from graftnet.spec import BornAgainSpec, KDSpec, Spec, TrainSpec, register_method_name
+from graftnet.spec import BornAgainSpec, KDSpec, Spec, TrainSpec, register_method_name, validation_problems
 from graftnet.training.evaluation import logits_of
 from graftnet.training.optim import param_groups
 
@@ -94,19 +94,13 @@ class StepLoss:
     logits: torch.Tensor
 
 
-def _problem(loc: tuple[Any, ...], msg: str) -> str:
-    """One validation problem as ``lambda1.end: message`` (a whole-settings check has no path)."""
-    where, msg = ".".join(str(p) for p in loc), msg.removeprefix("Value error, ")
-    return f"{where}: {msg}" if where else msg
-
-
 def _settings(settings: TrainSpec | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> TrainSpec:
     """The train settings as a validated :class:`TrainSpec`: ``settings`` with ``overrides`` on top."""
     base = settings.model_dump() if isinstance(settings, TrainSpec) else dict(settings or {})
     try:
         return TrainSpec.model_validate({**base, **overrides})
     except ValidationError as e:
-        problems = "; ".join(_problem(err["loc"], err["msg"]) for err in e.errors())
+        problems = "; ".join(f"{path}: {msg}" if path else msg for path, msg in validation_problems(e))
         raise SpecError(f"invalid train settings: {problems}") from e
 
 
