@@ -228,16 +228,25 @@ def test_learning_rates_are_separate(tmp_path: Path) -> None:
 
 
 
-def test_the_adapters_learn_at_lr_under_adam_and_at_a_tenth_of_it_under_sgd() -> None:
-    """Unset, lr_adapters follows the optimizer (TrainSpec.adapter_lr: the transfer study's choice); a value wins."""
+def _graft_onto_wider() -> graftnet.GraftedModel:
+    """A cnn1d student grafted at both layers onto a wider one: mixing logits w and 8→16-channel 1×1 adapters Q."""
     student = build_model("graftnet:cnn1d", {"num_classes": 3, "channels": [8, 8]})
     wider = build_model("graftnet:cnn1d", {"num_classes": 3, "channels": [16, 16]})
     sites = [{"student": f"features.act{i}", "taps": [f"t:features.act{i}"]} for i in (1, 2)]
-    g = graftnet.graft(student, {"t": wider}, {"sites": sites}, example_input=torch.randn(2, 1, 40))
+    return graftnet.graft(student, {"t": wider}, {"sites": sites}, example_input=torch.randn(2, 1, 40))
+
+
+def _group_lrs(g: graftnet.GraftedModel, settings: TrainSpec | dict[str, Any], total_steps: int) -> dict[str, float]:
+    groups = graftnet.KnowledgeFlow(g, settings, total_steps=total_steps).param_groups()
+    return {group["name"]: group["lr"] for group in groups}
+
+
+def test_the_adapters_learn_at_lr_under_adam_and_at_a_tenth_of_it_under_sgd() -> None:
+    """Unset, lr_adapters follows the optimizer (TrainSpec.adapter_lr: the transfer study's choice); a value wins."""
+    g = _graft_onto_wider()
 
     def lrs(**settings: object) -> dict[str, float]:
-        groups = graftnet.KnowledgeFlow(g, {"lr": 0.1, **settings}, total_steps=10).param_groups()
-        return {group["name"]: group["lr"] for group in groups}
+        return _group_lrs(g, {"lr": 0.1, **settings}, total_steps=10)
 
     assert lrs()["adapters"] == 0.1 and lrs(optimizer="adamw")["adapters"] == 0.1
     sgd = lrs(optimizer="sgd")
@@ -248,14 +257,10 @@ def test_the_adapters_learn_at_lr_under_adam_and_at_a_tenth_of_it_under_sgd() ->
 def test_w_learns_at_a_multiple_of_lr_and_faster_only_without_a_floor() -> None:
     """Unset, lr_mixing is lr_mixing_factor × lr (10 under Adam, 0.1 under SGD); without the p_w floor w must also be
     able to move 20 units over the λ1 ramp."""
-    student = build_model("graftnet:cnn1d", {"num_classes": 3, "channels": [8, 8]})
-    teacher = build_model("graftnet:cnn1d", {"num_classes": 3, "channels": [8, 8]})
-    sites = [{"student": "features.act1", "taps": ["t:features.act1"]}]
-    g = graftnet.graft(student, {"t": teacher}, {"sites": sites}, example_input=torch.randn(2, 1, 40))
+    g = _graft_onto_wider()
 
     def w_lr(**settings: object) -> float:
-        groups = graftnet.KnowledgeFlow(g, {"lr": 1e-3, **settings}, total_steps=100).param_groups()
-        return {group["name"]: group["lr"] for group in groups}["mixing"]
+        return _group_lrs(g, {"lr": 1e-3, **settings}, total_steps=100)["mixing"]
 
     assert w_lr() == pytest.approx(0.01)  # the floor hands the sites back: 10 × lr, however short the run
     assert w_lr(lr_mixing_factor=3) == pytest.approx(0.003)
@@ -264,8 +269,7 @@ def test_w_learns_at_a_multiple_of_lr_and_faster_only_without_a_floor() -> None:
     assert w_lr(p_w_floor=None) == pytest.approx(20 / 50)  # the λ1 ramp, 10–60% of 100 steps
     assert w_lr(p_w_floor=None, lr=0.1) == pytest.approx(1.0)  # 10 × lr, above 20 / 50
     assert w_lr(lr_mixing=0.5) == 0.5
-    dumped = graftnet.KnowledgeFlow(g, TrainSpec(lr_mixing=0.5), total_steps=100)  # dumps the default factor
-    assert {group["name"]: group["lr"] for group in dumped.param_groups()}["mixing"] == 0.5
+    assert _group_lrs(g, TrainSpec(lr_mixing=0.5), total_steps=100)["mixing"] == 0.5  # dumped and revalidated
     adam = graftnet.load_spec({"train": {"method": "scratch"}})  # unset in the spec: an override of the
     moved = override_spec(adam, {"train.optimizer": "sgd"})  # optimizer (a tune's grid) gets that optimizer's factor
     assert adam.train is not None and moved.train is not None
