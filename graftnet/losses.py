@@ -138,6 +138,7 @@ class ParameterSnapshot:
         mine_b = dict(self.shadow.named_buffers())
         self._buffers: tuple[list[torch.Tensor], list[torch.Tensor]] = (
             [mine_b[n] for n, _ in buffers], [b for _, b in buffers])
+        self._copied: list[tuple[int, int] | None] = [None] * len(buffers)  # (model's, shadow's) versions after a copy
         self._mixers = [(m, getattr(self.shadow, "mixers", {}).get(site)) for site, m in
                         getattr(model, "mixers", {}).items()]  # fmt: skip
 
@@ -183,17 +184,36 @@ class ParameterSnapshot:
         shadow = self.shadow
         if shadow.training != model.training:
             shadow.train(model.training)
-        on_gpu = x.device.type == "cuda"
-        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if on_gpu else []):
-            mine, theirs = self._buffers
-            if mine:
-                torch._foreach_copy_(mine, theirs)
-            for real, copied in self._mixers:
-                if copied is not None:
-                    copied.calibrating_like(real)  # the buffers just copied, without reading them on the host
-            if rng_state is not None:
-                rng_state.restore(x.device)
-            return self._run(x)  # type: ignore[no-any-return]
+        # the pass leaves the random generators as it found them (torch.random.fork_rng does the same, slower)
+        before = RngState.capture(x.device)
+        try:
+            with torch.no_grad():
+                self._copy_buffers()
+                for real, copied in self._mixers:
+                    if copied is not None:
+                        copied.calibrating_like(real)  # the buffers just copied, without reading them on the host
+                if rng_state is not None:
+                    rng_state.restore(x.device)
+                return self._run(x)  # type: ignore[no-any-return]
+        finally:
+            before.restore(x.device)
+
+    def _copy_buffers(self) -> None:
+        """The model's buffers into the shadow's, those that either side wrote since the last copy.
+
+        BatchNorm statistics change on every training pass and are copied each time; the mixers' tap scales stop
+        changing after calibration, and copying them anyway would bump their version counters, which makes the
+        shadow's mixers rebuild the coefficients they keep (graftnet/mixer.py). A buffer in shared memory (A3C's
+        workers) is written by other processes without bumping this process's counter: always copied.
+        """
+        mine, theirs = self._buffers
+        stale = [i for i, (m, t) in enumerate(zip(mine, theirs, strict=True))
+                 if t.is_shared() or self._copied[i] != (t._version, m._version)]  # fmt: skip
+        if not stale:
+            return
+        torch._foreach_copy_([mine[i] for i in stale], [theirs[i] for i in stale])
+        for i in stale:
+            self._copied[i] = (theirs[i]._version, mine[i]._version)
 
     def state(self) -> Mapping[str, torch.Tensor]:
         return self.tensors

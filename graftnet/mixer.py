@@ -9,7 +9,6 @@ of magnitude, and without it a loud teacher swamps the mix (docs/architecture.md
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -67,11 +66,14 @@ class _Mix(torch.autograd.Function):
         return (grad_coeffs, *grads)
 
 
-def _accumulate(coeffs: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_k c_k·u_k into one new tensor, in place after the first product."""
-    c = coeffs.unbind()  # one call for every coefficient: indexing costs a dispatch each
+def _accumulate(coeffs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_k c_k·u_k into one new tensor, in place after the first product. ``coeffs``: a vector, or already unbound."""
+    c = coeffs.unbind() if isinstance(coeffs, torch.Tensor) else coeffs  # one call: indexing costs a dispatch each
     first = inputs[0]
-    dtype = functools.reduce(torch.promote_types, [u.dtype for u in inputs[1:]], first.dtype)  # as z + u would give
+    dtype = first.dtype
+    for u in inputs[1:]:  # as z + u would give
+        if u.dtype != dtype:
+            dtype = torch.promote_types(dtype, u.dtype)
     out = (first if first.dtype == dtype else first.to(dtype)) * c[0]
     for k in range(1, len(inputs)):
         out.addcmul_(inputs[k], c[k])
@@ -153,6 +155,8 @@ class Mixer(nn.Module):
         self._seen = 0
         self._calibrating = rescale_taps and calibration_batches > 0
         self._kept_fold_scales: tuple[torch.Tensor, tuple[int, int, bool], torch.Tensor] | None = None
+        self._kept_coefficient_values: tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int, bool],
+                                             tuple[torch.Tensor, ...]] | None = None  # fmt: skip
         # Set by GraftedModel.keep_feature_hints(): each training pass with autograd then leaves its feature hint,
         # the mean squared distance from z to every adapted tap, in ``hint_loss``.
         self.keeps_hint = False
@@ -200,9 +204,6 @@ class Mixer(nn.Module):
             if not torch.compiler.is_compiling():
                 self._seen += 1
                 self._calibrating = self._seen < self.calibration_batches
-        coeffs = self.p_w()
-        if self._folds:
-            coeffs = coeffs * self._fold_scales()
         inputs = [z]
         for i, (adapter, t) in enumerate(zip(self.adapters, taps, strict=True)):
             if self.rescale_taps and not self._folded[i + 1]:
@@ -210,7 +211,34 @@ class Mixer(nn.Module):
             inputs.append(t if type(adapter) is nn.Identity else adapter(t))  # skip a module call that does nothing
         if self.keeps_hint and self.training and torch.is_grad_enabled():
             self.hint_loss = self._hint(z, taps, inputs[1:])
-        return mix(coeffs, inputs)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return _accumulate(self._kept_coefficients(), inputs)
+        return mix(self._coefficients(), inputs)
+
+    def _coefficients(self) -> torch.Tensor:
+        """p_w, with the folded tap scales multiplied in: the weight of each candidate as it enters the sum."""
+        coeffs = self.p_w()
+        return coeffs * self._fold_scales() if self._folds else coeffs
+
+    def _kept_coefficients(self) -> tuple[torch.Tensor, ...]:
+        """:meth:`_coefficients` unbound, for passes without autograd, kept until w or the tap scales change.
+
+        An RL rollout's policy steps all mix with one w: recomputing the softmax, the scales' product and the
+        unbinding on each step was most of a mixer's cost there (three of its six small ops). w and the tap
+        scales are written in place (the optimizer, the floor, calibration, θ_old's copies), which bumps their
+        version counters, or replaced (``.to()``, ``.data =``), which changes the tensor or its storage. A tensor
+        in shared memory (A3C's workers) is written by other processes without bumping this one's counter:
+        never kept.
+        """
+        w, scale = self.logits, self.tap_scale
+        key = (w._version, w.data_ptr(), scale._version, scale.data_ptr(), torch.is_inference_mode_enabled())
+        kept = self._kept_coefficient_values
+        if kept is not None and kept[0] is w and kept[1] is scale and kept[2] == key:
+            return kept[3]
+        coefficients = self._coefficients().unbind()
+        if not (w.is_shared() or scale.is_shared()):
+            self._kept_coefficient_values = (w, scale, key, coefficients)
+        return coefficients
 
     def _hint(self, z: torch.Tensor, taps: Sequence[torch.Tensor], adapted: Sequence[torch.Tensor]) -> torch.Tensor:
         """mean_l mean((z − u_l)²) over the adapted taps u_l = Q_l(s_l·t_l): it teaches the student's own layers
@@ -239,10 +267,11 @@ class Mixer(nn.Module):
         Built in four small ops, so it is kept until ``tap_scale`` changes: it is a buffer, written in place only
         (calibration, ``load_state_dict``, θ_old's copies), which bumps its version, or replaced (``.to()``), which
         changes the tensor. The kept tensor is never written, so a graph that saved it for backward stays valid.
-        Compiled graphs build it (a compiled graph reads no host-side cache).
+        Compiled graphs build it (a compiled graph reads no host-side cache), and so does a mixer whose scales are
+        in shared memory (A3C's workers), where another process's writes leave this one's counter as it was.
         """
         scale = self.tap_scale
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or scale.is_shared():
             return self._build_fold_scales(scale)
         key = (scale._version, scale.data_ptr(), torch.is_inference_mode_enabled())
         kept = self._kept_fold_scales
@@ -256,8 +285,9 @@ class Mixer(nn.Module):
         return torch.where(self.fold_mask, scales, torch.ones_like(scales))
 
     def __getstate__(self) -> dict[str, Any]:
-        # a pass's hint holds its autograd graph: copies and saved states go without it
-        return {**super().__getstate__(), "hint_loss": None}
+        # a pass's hint holds its autograd graph, and the kept tensors are the original's: copies go without them
+        return {**super().__getstate__(), "hint_loss": None, "_kept_fold_scales": None,
+                "_kept_coefficient_values": None}  # fmt: skip
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -265,7 +295,8 @@ class Mixer(nn.Module):
 
     def calibrating_like(self, other: Mixer) -> None:
         """Take ``other``'s calibration state, after its buffers were copied into this mixer's (no device read)."""
-        self._seen, self._calibrating = other._seen, other._calibrating
+        if (self._seen, self._calibrating) != (other._seen, other._calibrating):  # nn.Module's setattr is slow
+            self._seen, self._calibrating = other._seen, other._calibrating
 
     def after_compiled_pass(self) -> None:
         """Catch the host mirror up with the buffer after a compiled training pass (a device read while calibrating

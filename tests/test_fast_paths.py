@@ -263,3 +263,50 @@ def test_the_kept_fold_scales_follow_every_change_of_the_tap_scales() -> None:
     zg = z.clone().requires_grad_()
     mixer(zg, t1, t2).sum().backward()  # would fail on a scale tensor made in inference mode
     assert mixer.logits.grad is not None and torch.isfinite(mixer.logits.grad).all()
+
+
+def test_the_kept_coefficients_follow_every_change_of_w() -> None:
+    """Without autograd a mixer keeps its coefficients between calls (an RL rollout's steps all mix with one w),
+    so every way w changes must reach the next such call: an optimizer step, the floor's projection,
+    load_state_dict, an in-place copy, a dtype move. w in shared memory (A3C's workers) is never kept: another
+    process's write does not bump this one's version counter (simulated here by a write through numpy)."""
+    torch.manual_seed(0)
+    mixer = graftnet.Mixer("act", ["a:act", "b:act"], [torch.nn.Identity(), torch.nn.Linear(4, 4)],
+                           calibration_batches=0)  # fmt: skip
+    z, t1, t2 = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    optimizer = torch.optim.SGD(mixer.parameters(), lr=1.0)
+
+    def same_as_the_formula(dtype: torch.dtype = torch.float32) -> None:
+        with torch.no_grad():
+            args = [u.to(dtype) for u in (z, t1, t2)]
+            assert torch.allclose(mixer(*args), _reference_mix(mixer, *args), atol=1e-6)
+            assert torch.equal(mixer(*args), mixer(*args))  # the kept coefficients, once more
+
+    same_as_the_formula()
+    mixer(z.clone().requires_grad_(), t1, t2).pow(2).sum().backward()
+    optimizer.step()
+    same_as_the_formula()
+    g = graftnet.graft(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()),
+                       {"t": torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())},
+                       {"sites": [{"student": "1", "taps": ["t:1"]}]}, example_input=torch.zeros(1, 4))  # fmt: skip
+    site = next(iter(g.mixers.values()))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        before = g(x)
+        g.raise_student_floor(0.99)  # the projection writes w in place
+        after = g(x)
+    assert site.p_w()[0].item() == pytest.approx(0.99) and not torch.equal(before, after)
+    assert torch.equal(after, g(x).detach())  # with autograd the coefficients are computed afresh
+    mixer.load_state_dict({**mixer.state_dict(), "logits": torch.tensor([1.0, -1.0, 0.5])})
+    same_as_the_formula()
+    with torch.no_grad():
+        mixer.logits.copy_(torch.tensor([-2.0, 0.0, 3.0]))
+    same_as_the_formula()
+    mixer.double()
+    same_as_the_formula(torch.float64)
+    mixer.float()
+    mixer.share_memory()
+    same_as_the_formula()
+    mixer.logits.detach().numpy()[:] = [0.0, 4.0, -4.0]  # no version bump, as another process's write
+    same_as_the_formula()
+

@@ -213,6 +213,37 @@ def test_the_shadow_theta_old_pass_equals_the_functional_call_one() -> None:
     assert not torch.equal(method.snapshot.tensors["student.conv.weight"], g.student.conv.weight)
 
 
+def test_the_theta_old_pass_sees_every_write_to_the_model_s_buffers() -> None:
+    """The shadow copies only the buffers written since its last copy (copying unchanged tap scales would make its
+    mixers rebuild what they keep): a write in place, and a write to shared memory that bumps no version counter
+    in this process (A3C's workers; simulated through numpy), must both reach the next θ_old pass."""
+    torch.manual_seed(0)
+    spec = {"input_shape": [1, 10], "sites": [{"student": "act", "taps": ["t:act"]}], "train": {"lambda2": 1.0}}
+    g = graftnet.graft(_BNDropoutNet(), {"t": _BNDropoutNet(8)}, spec).eval()
+    method = KnowledgeFlow(g, spec["train"], total_steps=20)
+    assert method.snapshot is not None
+    x = torch.randn(16, 1, 10)
+    old = {n: t.clone() for n, t in method.snapshot.tensors.items()}
+
+    def theta_old_pass() -> torch.Tensor:
+        with g.reusing_teacher_features():
+            method.forward(x)
+            assert method._rng is not None
+            shadow = method.snapshot.outputs(g, x, method._rng)  # type: ignore[union-attr]
+            assert torch.equal(shadow, _theta_old_by_functional_call(g, old, x, method._rng))
+            return shadow
+
+    first = theta_old_pass()
+    assert torch.equal(theta_old_pass(), first)  # nothing changed: nothing copied, the same result
+    with torch.no_grad():
+        g.student.bn.running_mean.add_(1.0)
+    moved = theta_old_pass()
+    assert not torch.equal(moved, first)
+    g.share_memory()
+    g.student.bn.running_var.numpy()[:] *= 4.0  # no version bump, as another process's write
+    assert not torch.equal(theta_old_pass(), moved)
+
+
 def test_learning_rates_are_separate(tmp_path: Path) -> None:
     spec = graftnet.load_spec(_spec(tmp_path, lr=1e-3, lr_mixing=5e-2, lr_adapters=2e-3, weight_decay=1e-4))
     spec = spec.model_copy(update={"input_shape": [1, 40]})
