@@ -45,6 +45,40 @@ def test_the_projection_lifts_p0_to_the_floor_and_keeps_the_teachers_ratios() ->
         g.raise_student_floor(1.0)
 
 
+def _projected_on_device(w: torch.Tensor, floor: float) -> torch.Tensor:
+    """The projection as raise_student_floor computes it off the CPU: tensor ops only, no host check."""
+    allowed = math.log((1.0 - floor) / floor)
+    w = w.clone()
+    w[1:] -= (torch.logsumexp(w[1:] - w[0], dim=0) - allowed).clamp_min(0)
+    return w
+
+
+def test_the_host_check_skips_only_sites_the_projection_would_leave_bit_for_bit() -> None:
+    """On the CPU a site clearly above the floor is skipped after a host check: the result must be exactly the
+    tensor path's, at the boundary too, and a skipped site keeps its version counter (the mixers' kept
+    coefficients stay valid)."""
+    g = _graft(n_teachers=3)
+    mixer = g.mixers[SITES[0]]
+    gen = torch.Generator().manual_seed(0)
+    skipped = 0
+    for floor in (0.05, 0.5, 0.9, 0.999, 0.9999):
+        allowed = math.log((1.0 - floor) / floor)
+        for _ in range(300):
+            w = torch.randn(4, generator=gen) * 6
+            if torch.rand((), generator=gen) < 0.5:
+                w[2:] = w[1]  # equal teachers: the host's bound is tight
+            w[0] = w[1:].logsumexp(0) - allowed + torch.empty(()).uniform_(-0.01, 0.01, generator=gen)  # near it
+            if torch.rand((), generator=gen) < 0.5:
+                w[0] += torch.rand((), generator=gen) * 10  # well above
+            with torch.no_grad():
+                mixer.logits.copy_(w)
+            version = mixer.logits._version
+            g.raise_student_floor(floor)
+            assert torch.equal(mixer.logits.detach(), _projected_on_device(w, floor)), (floor, w)
+            skipped += mixer.logits._version == version
+    assert 100 < skipped < 1400  # both paths ran
+
+
 def test_the_floor_rises_linearly_from_start_to_the_cut() -> None:
     g = _graft()
     kf = KnowledgeFlow(g, TrainSpec(cut_teachers_at=0.7, p_w_floor={"start": 0.2}, export_tol=1e-3), total_steps=100)
