@@ -31,6 +31,9 @@ __all__ = [
     "MapToTokens",
     "MoveChannels",
     "Normalize",
+    "PointwiseConv1d",
+    "PointwiseConv2d",
+    "PointwiseConv3d",
     "Resize",
     "TokensToMap",
     "make_adapter",
@@ -368,6 +371,46 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class _Pointwise:
+    """A 1×1 convolution computed as one batched matrix product over the channels (the bias fused in).
+
+    oneDNN's convolution is slow for the few channels of an input: a 4→4-channel 1×1 convolution on 80 frames of
+    84×84 took 35 ms forward and 78 ms with the backward on one CPU thread, against 1.3 and 3.1 ms as a batched
+    product; 98 against 4.6 ms forward for RGB 224×224 (batch 32). Parameters, names and initialisation are the
+    convolution's, so checkpoints and state dicts do not change; inputs that are not a contiguous batch (another
+    memory layout, no batch dimension) go to the convolution.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    out_channels: int
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)  # type: ignore[call-arg]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.weight.dim() or not x.is_contiguous():
+            return super().forward(x)  # type: ignore[misc,no-any-return]
+        b, c = x.shape[:2]
+        o = self.out_channels
+        weight = self.weight.view(1, o, c).expand(b, o, c)  # a view: bmm reads the one matrix for every sample
+        flat = x.reshape(b, c, -1)
+        y = torch.bmm(weight, flat) if self.bias is None else torch.baddbmm(self.bias.view(1, o, 1), weight, flat)
+        return y.view(b, o, *x.shape[2:])
+
+
+class PointwiseConv1d(_Pointwise, nn.Conv1d):
+    """``nn.Conv1d(in_channels, out_channels, kernel_size=1)`` computed as a batched matrix product."""
+
+
+class PointwiseConv2d(_Pointwise, nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, kernel_size=1)`` computed as a batched matrix product."""
+
+
+class PointwiseConv3d(_Pointwise, nn.Conv3d):
+    """``nn.Conv3d(in_channels, out_channels, kernel_size=1)`` computed as a batched matrix product."""
+
+
 def _need_map(key: str, input_shape: Shape) -> None:
     if not _is_map(input_shape):
         raise AdapterError(f"input adapter {key!r} needs a (C, ...spatial) input, got shape {input_shape}")
@@ -453,8 +496,8 @@ def _input_conv1x1(input_shape: Shape, out_channels: int) -> nn.Module:
             f"expects), got {short_repr(out_channels)}"
         )
     _bounded("conv1x1", (int(out_channels), *input_shape[1:]))
-    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(input_shape) - 2]
-    return conv(input_shape[0], int(out_channels), kernel_size=1)
+    conv = (PointwiseConv1d, PointwiseConv2d, PointwiseConv3d)[len(input_shape) - 2]
+    return conv(input_shape[0], int(out_channels))
 
 
 # What a factory or a first run of its module raises for arguments it rejects; named and placed by the caller.
