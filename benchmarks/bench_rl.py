@@ -1,4 +1,7 @@
-"""Steps per second of knowledge-flow A2C against plain A2C on MinAtar, and against what the teachers must cost.
+"""Steps per second of knowledge-flow A2C against plain A2C, and against what the teachers must cost.
+
+On MinAtar SpaceInvaders by default (the MinAtar A3C net on 10×10 boards); ``--env ALE/SpaceInvaders-v5`` runs the
+same cases with the A3C paper's net on 84×84 Atari frames (taps at its second conv layer and the dense layer).
 
 One run, the cases interleaved update by update (median of ``--rounds`` rounds of ``--updates`` updates each):
   plain A2C                   the SpaceInvaders student alone;
@@ -7,7 +10,7 @@ One run, the cases interleaved update by update (median of ``--rounds`` rounds o
   KF, taps at conv only       the same teachers tapped only at the conv layer: graftnet cuts each teacher after
                               it, so the teachers' dense layers never run (truncation);
   KF without the KL term      taps at conv and fc, λ2 = 0;
-  KF fixed, conv and fc       teachers built for the student's 6 input channels, no input adapter, taps at conv
+  KF fixed, conv and fc       teachers built for the student's input channels, no input adapter, taps at conv
                               and fc: the taps the collector records are the update's, so the teachers run only
                               while collecting;
   KF fixed, taps not cached   the same with the collector's tap cache off (``Collector(cache_taps=False)``): the
@@ -33,7 +36,14 @@ is KF collection per env step − plain collection per env step − the teachers
 calls in a rollout, each timed alone, over T): the grafted forward's extra work (mixers, the teacher calls'
 Python, the taps' concatenation) while collecting.
 
-Run:  python benchmarks/bench_rl.py [--rounds 7] [--updates 40] [--threads 1] [--device cpu|cuda]
+On CPU a second table times the teachers' collection calls where they run, inside the timed updates (a clock
+around each teacher body and input adapter, about a microsecond per call): there the environment and the student
+run between them and evict their weights from the caches, so they cost more than alone in a loop (``in loop /
+alone``). ``limit*`` and ``of limit*`` are limit and of limit with those calls at that cost (the rest of the
+required work as above), ``collection overhead*`` the collector's calls in the updates less plain A2C's and less
+the teachers' calls in them, per env step.
+
+Run:  python benchmarks/bench_rl.py [--rounds 7] [--updates 40] [--threads 1] [--device cpu|cuda] [--env ENV]
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,33 +61,56 @@ from torch import nn
 import graftnet
 from graftnet.graft import FrozenTeacher, GraftedModel
 from graftnet.rl.a2c import Collector, a2c_update
-from graftnet.rl.envs import make_env
+from graftnet.rl.envs import env_info, make_env
 from graftnet.rl.runs import build_agent
 from graftnet.training.optim import make_optimizer
 
 ENV = "MinAtar/SpaceInvaders-v1"
-STUDENT = {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": 6, "num_actions": 4}}
 N, T = 16, 5
 
 
-def _teacher(channels: int, actions: int, learned: bool) -> dict[str, Any]:
-    if not learned:  # the student's 6 input channels: no input adapter
-        return {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": 6, "num_actions": actions}}
-    return {"model": "graftnet:a3c_minatar", "kwargs": {"in_channels": channels, "num_actions": actions},
-            "input": [{"adapter": "conv1x1", "kwargs": {"out_channels": channels}}]}  # fmt: skip
+@dataclass(frozen=True)
+class Game:
+    """The networks of one environment family: the student's model and input channels, the learned adapters'
+    teachers' channels, and the sites "conv" (the last conv layer's activation) and "fc" (the dense layer's)."""
+
+    model: str
+    channels: int
+    teacher_channels: int
+    conv: str
 
 
-def _spec(sites: list[str] | None, lambda2: float = 0.1, learned: bool = True) -> graftnet.Spec:
+GAMES = {"MinAtar/": Game("graftnet:a3c_minatar", 6, 4, "features.1"),  # 10×10 boards, conv 16 3×3, fc 128
+         "ALE/": Game("graftnet:a3c", 4, 4, "features.3")}  # 84×84 frames: the paper's A3C net, two convs, fc 256
+
+
+def game(env: str) -> Game:
+    return next(g for prefix, g in GAMES.items() if env.startswith(prefix))
+
+
+def _teacher(g: Game, actions: int, learned: bool) -> dict[str, Any]:
+    if not learned:  # the student's input channels: no input adapter
+        return {"model": g.model, "kwargs": {"in_channels": g.channels, "num_actions": actions}}
+    return {"model": g.model, "kwargs": {"in_channels": g.teacher_channels, "num_actions": actions},
+            "input": [{"adapter": "conv1x1", "kwargs": {"out_channels": g.teacher_channels}}]}  # fmt: skip
+
+
+def _spec(sites: list[str] | None, lambda2: float = 0.1, learned: bool = True, env: str = ENV) -> graftnet.Spec:
+    """Plain A2C (``sites`` None) or knowledge flow from two teachers (Breakout- and Asterix-shaped) at ``sites``,
+    which name "conv" and "fc"."""
+    g = game(env)
+    shape, actions = env_info(env)
     spec: dict[str, Any] = {
-        "student": STUDENT,
-        "input_shape": [6, 10, 10],
-        "rl": {"env": ENV, "num_envs": N, "rollout": T},
+        "student": {"model": g.model, "kwargs": {"in_channels": g.channels, "num_actions": actions}},
+        "input_shape": list(shape),
+        "rl": {"env": env, "num_envs": N, "rollout": T},
         "train": {"method": "scratch" if sites is None else "knowledge_flow", "lambda2": lambda2,
                   "feature_hint": 0.0},  # the paper's objective, as the limit counts it
     }
     if sites is not None:
-        spec["teachers"] = {"breakout": _teacher(4, 3, learned), "asterix": _teacher(4, 5, learned)}
-        spec["sites"] = [{"student": s, "taps": [f"breakout:{s}", f"asterix:{s}"]} for s in sites]
+        spec["teachers"] = {"breakout": _teacher(g, 3, learned), "asterix": _teacher(g, 5, learned)}
+        names = [{"conv": g.conv, "fc": "act"}[s] for s in sites]
+        spec["sites"] = [{"student": s, "taps": [f"breakout:{s}", f"asterix:{s}"]} for s in names]
     return graftnet.load_spec(spec)
 
 
@@ -132,6 +166,47 @@ def _teacher_calls(g: GraftedModel, collect: Callable[[], Any]) -> float:
     return calls[0] / max(len(hooks), 1)
 
 
+class _InSituClock:
+    """Times the teachers' forwards (and their input adapters') inside the real collection.
+
+    There the environment and the student run between their calls and evict the teachers' weights from the
+    caches, so each call costs more than timing it alone in a loop (``required``) says: this is what the same calls
+    cost any implementation in the loop. On CPU only (a GPU's calls return before their work is done).
+    """
+
+    def __init__(self, g: GraftedModel, collector: Collector) -> None:
+        self.seconds = 0.0  # the teachers' calls while collecting
+        self.collecting = 0.0  # the collector's calls, whole
+        self._on = False
+        bodies = [t.body for t in g.teachers.values() if isinstance(t, FrozenTeacher)]
+        for m in bodies + list(g.input_adapters.values()):
+            m.forward = self._timing(m.forward)
+        collect = collector.collect
+
+        def collecting(*args: Any, **kwargs: Any) -> Any:
+            self._on = True
+            start = time.perf_counter()
+            try:
+                return collect(*args, **kwargs)
+            finally:
+                self._on = False
+                self.collecting += time.perf_counter() - start
+
+        collector.collect = collecting  # type: ignore[method-assign]
+
+    def _timing(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self._on:
+                return forward(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+
 def _timed(fn: Callable[[], Any], repeats: int) -> float:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # GPU work is asynchronous
     sync()
@@ -148,21 +223,22 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--env", default=ENV, help="a MinAtar/ or an ALE/ game (the A3C paper's net on 84×84 frames)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cases = {
-        "plain A2C": _spec(None),
-        "KF, taps at conv and fc": _spec(["features.1", "act"]),
-        "KF, taps at conv only": _spec(["features.1"]),
-        "KF without the KL term": _spec(["features.1", "act"], lambda2=0.0),
-        "KF fixed, conv and fc": _spec(["features.1", "act"], learned=False),
-        "KF fixed, taps not cached": _spec(["features.1", "act"], learned=False),
+        "plain A2C": _spec(None, env=args.env),
+        "KF, taps at conv and fc": _spec(["conv", "fc"], env=args.env),
+        "KF, taps at conv only": _spec(["conv"], env=args.env),
+        "KF without the KL term": _spec(["conv", "fc"], lambda2=0.0, env=args.env),
+        "KF fixed, conv and fc": _spec(["conv", "fc"], learned=False, env=args.env),
+        "KF fixed, taps not cached": _spec(["conv", "fc"], learned=False, env=args.env),
     }
     device = torch.device(args.device)
     runs = {}
     for name, spec in cases.items():
-        env = make_env(ENV, N, seed=0)
+        env = make_env(args.env, N, seed=0)
         method, _ = build_agent(spec, env.observation_shape, env.num_actions, total_steps=10_000)
         method.model.train()
         method.to(device)
@@ -181,6 +257,9 @@ def main() -> None:
              for name, run in runs.items() if name in work}  # fmt: skip
     teachers = {name: [(t, t.parameters_run, t.parameters_total) for t in run[0].model.teachers.values()]
                 for name, run in runs.items()}  # fmt: skip
+    clocks = {name: _InSituClock(run[0].grafted, run[1]) for name, run in runs.items()} if device.type == "cpu" else {}
+    in_situ: dict[str, list[float]] = {name: [] for name in clocks}  # the teachers' collection calls, per update
+    collect_in_situ: dict[str, list[float]] = {name: [] for name in clocks}  # the collector's calls, per update
     rates: dict[str, list[float]] = {name: [] for name in cases}
     collect: dict[str, list[float]] = {name: [] for name in cases}
     required: dict[str, list[float]] = {name: [] for name in work}
@@ -188,11 +267,16 @@ def main() -> None:
     for round_ in range(args.rounds + 1):  # round 0 warms up
         for name, (method, collector, optimizer, spec, _) in runs.items():
             assert spec.rl is not None
+            if name in clocks:
+                clocks[name].seconds = clocks[name].collecting = 0.0
             start, steps = time.perf_counter(), 0
             for _ in range(args.updates):
                 _, _, n = a2c_update(method, collector, optimizer, spec.rl, 0.3)
                 steps += n
             took = time.perf_counter() - start
+            if round_ and name in clocks:
+                in_situ[name].append(clocks[name].seconds / args.updates)
+                collect_in_situ[name].append(clocks[name].collecting / args.updates)
             c = _timed(lambda method=method, collector=collector: collector.collect(method.model, T), args.updates)
             if name in work:
                 r, s = _timed(work[name][0], args.updates), _timed(work[name][1], args.updates * T)
@@ -207,8 +291,8 @@ def main() -> None:
     med = {name: statistics.median(r) for name, r in rates.items()}
     t_plain = T * N / med["plain A2C"]
     c_plain = statistics.median(collect["plain A2C"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {ENV}, {N} envs x {T} steps per update; "
-          f"median of {args.rounds} rounds of {args.updates} updates")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.env}, {N} envs x {T} steps per "
+          f"update; median of {args.rounds} rounds of {args.updates} updates")
     print(f"  plain A2C: {t_plain * 1e3:.2f} ms per update, collection {c_plain * 1e6:.0f} us per env step")
     for name, rate in med.items():
         kept = ", ".join(f"teacher runs {run:,} of {total:,} parameters" for _, run, total in teachers[name][:1])
@@ -229,6 +313,22 @@ def main() -> None:
         overhead = statistics.median(collect[name]) - c_plain - teacher_time
         print(f"  {name:<26} {ratio:5.2f}  {limit:5.2f}  {of_limit:8.2f}  {t_req * 1e3:12.2f} ms"
               f"  {calls[name]:21.0f}  {overhead * 1e6:25.0f} us")
+    if not in_situ:
+        return
+    print("  with the teachers' collection calls timed in the loop (limit*: required work with those calls at their "
+          "in-loop cost; overhead*: the collector's calls in the loop less plain A2C's and the teachers')")
+    print("  case                       in loop / alone  limit*  of limit*  collection overhead*/env step")
+    c_plain_loop = statistics.median(collect_in_situ["plain A2C"])
+    for name in work:
+        alone = [calls[name] * s for s in per_step[name]]  # the collection calls, timed alone, per update
+        req = [r - a + s for r, a, s in zip(required[name], alone, in_situ[name], strict=True)]
+        of_limit = statistics.median((rate / rates["plain A2C"][i]) / (plains[i] / (plains[i] + req[i]))
+                                     for i, rate in enumerate(rates[name]))  # fmt: skip
+        limit = t_plain / (t_plain + statistics.median(req))
+        slower = statistics.median(s / a for s, a in zip(in_situ[name], alone, strict=True))
+        overhead = statistics.median(c - t for c, t in zip(collect_in_situ[name], in_situ[name], strict=True))
+        overhead = (overhead - c_plain_loop) / T
+        print(f"  {name:<26} {slower:15.2f}  {limit:6.2f}  {of_limit:9.2f}  {overhead * 1e6:26.0f} us")
 
 
 if __name__ == "__main__":

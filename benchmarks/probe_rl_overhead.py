@@ -91,8 +91,8 @@ def main() -> None:
         variants["baseline"] = _forward_from(args.baseline_mixer)
     agents = {
         "plain A2C": _Agent(bench_rl._spec(None), compiled=False),
-        "KF fixed, conv and fc": _Agent(bench_rl._spec(["features.1", "act"], learned=False), compiled=False),
-        "KF learned, conv and fc": _Agent(bench_rl._spec(["features.1", "act"]), compiled=False),
+        "KF fixed, conv and fc": _Agent(bench_rl._spec(["conv", "fc"], learned=False), compiled=False),
+        "KF learned, conv and fc": _Agent(bench_rl._spec(["conv", "fc"]), compiled=False),
     }
     if args.compile:
         agents["plain A2C, compiled"] = _Agent(bench_rl._spec(None), compiled=True)
