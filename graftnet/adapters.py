@@ -375,10 +375,12 @@ class _Pointwise:
     """A 1×1 convolution computed as one batched matrix product over the channels (the bias fused in).
 
     oneDNN's convolution is slow for the few channels of an input: a 4→4-channel 1×1 convolution on 80 frames of
-    84×84 took 35 ms forward and 78 ms with the backward on one CPU thread, against 1.3 and 3.1 ms as a batched
-    product; 98 against 4.6 ms forward for RGB 224×224 (batch 32). Parameters, names and initialisation are the
-    convolution's, so checkpoints and state dicts do not change; inputs that are not a contiguous batch (another
-    memory layout, no batch dimension) go to the convolution.
+    84×84 took 36 ms forward and 80 ms with the backward on one CPU thread, against 1.8 and 6.2 ms as a batched
+    product; 99 against 4.1 ms forward for RGB 224×224, batch 32 (``benchmarks/bench_pointwise.py``). On wide
+    feature maps it is not always the faster one (256 → 512 channels on 8×8: 18 against 37 ms with the backward),
+    so the tap adapters stay convolutions. Parameters, names and initialisation are the convolution's, so
+    checkpoints and state dicts do not change; inputs that are not a contiguous batch (another memory layout, no
+    batch dimension) go to the convolution.
     """
 
     weight: torch.Tensor

@@ -313,7 +313,7 @@ def test_the_kept_coefficients_follow_every_change_of_w() -> None:
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_the_pointwise_input_adapter_computes_the_1x1_convolution(rank: int) -> None:
-    """The conv1x1 input adapter is a batched matrix product (oneDNN's convolution is 25× slower for an Atari
+    """The conv1x1 input adapter is a batched matrix product (oneDNN's convolution is 13–20× slower for an Atari
     observation's four channels): the same parameters as the convolution, the same values and gradients, and the
     convolution itself for inputs that are not a contiguous batch."""
     from graftnet.adapters import INPUT_ADAPTERS, PointwiseConv1d, PointwiseConv2d, PointwiseConv3d
