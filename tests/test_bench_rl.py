@@ -18,12 +18,28 @@ def _run(script: str, *args: str) -> str:
     return done.stdout
 
 
-def test_bench_rl_reports_ratio_limit_and_of_limit_for_every_case() -> None:
-    out = _run("bench_rl.py", "--rounds", "1", "--updates", "2")
+def _check_rows(out: str) -> None:
+    lines = out.splitlines()
+    in_loop = lines.index(next(line for line in lines if "timed in the loop" in line))
     for case in ("KF, taps at conv and fc", "KF fixed, conv and fc", "KF fixed, taps not cached"):
-        row = next(line for line in out.splitlines() if line.strip().startswith(case) and " ms " in line)
+        row = next(line for line in lines if line.strip().startswith(case) and " ms " in line)
         ratio, limit, of_limit = (float(v) for v in row.split()[len(case.split()):][:3])
         assert 0 < ratio <= 1.5 and 0 < limit <= 1 and 0 < of_limit <= 2
+        row = next(line for line in lines[in_loop:] if line.strip().startswith(case))
+        slower, limit, of_limit = (float(v) for v in row.split()[len(case.split()):][:3])
+        assert 0.5 < slower < 5 and 0 < limit <= 1 and 0 < of_limit <= 2  # the calls in the loop, and that limit
+
+
+def test_bench_rl_reports_ratio_limit_and_of_limit_for_every_case() -> None:
+    _check_rows(_run("bench_rl.py", "--rounds", "1", "--updates", "2"))
+
+
+@pytest.mark.slow
+def test_bench_rl_runs_the_cases_on_atari_frames() -> None:
+    pytest.importorskip("ale_py")
+    out = _run("bench_rl.py", "--rounds", "1", "--updates", "2", "--env", "ALE/Pong-v5")
+    assert "ALE/Pong-v5" in out
+    _check_rows(out)
 
 
 def test_the_overhead_probe_times_every_variant(tmp_path: Path) -> None:
