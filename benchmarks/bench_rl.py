@@ -84,7 +84,7 @@ GAMES = {"MinAtar/": Game("graftnet:a3c_minatar", 6, 4, "features.1"),  # 10×10
          "ALE/": Game("graftnet:a3c", 4, 4, "features.3")}  # 84×84 frames: the paper's A3C net, two convs, fc 256
 
 
-def game(env: str) -> Game:
+def _game(env: str) -> Game:
     return next(g for prefix, g in GAMES.items() if env.startswith(prefix))
 
 
@@ -98,7 +98,7 @@ def _teacher(g: Game, actions: int, learned: bool) -> dict[str, Any]:
 def _spec(sites: list[str] | None, lambda2: float = 0.1, learned: bool = True, env: str = ENV) -> graftnet.Spec:
     """Plain A2C (``sites`` None) or knowledge flow from two teachers (Breakout- and Asterix-shaped) at ``sites``,
     which name "conv" and "fc"."""
-    g = game(env)
+    g = _game(env)
     shape, actions = env_info(env)
     spec: dict[str, Any] = {
         "student": {"model": g.model, "kwargs": {"in_channels": g.channels, "num_actions": actions}},
