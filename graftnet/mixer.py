@@ -10,8 +10,8 @@ of magnitude, and without it a loud teacher swamps the mix (docs/architecture.md
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 __all__ = ["Mixer", "full_precision", "initial_logits", "mix"]
+
+_T = TypeVar("_T")
 
 
 def full_precision(t: torch.Tensor) -> torch.Tensor:
@@ -46,7 +48,7 @@ class _Mix(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, coeffs: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(coeffs, *inputs)
-        return _accumulate(coeffs, inputs)
+        return _accumulate(coeffs.unbind(), inputs)
 
     @staticmethod
     @once_differentiable
@@ -66,9 +68,9 @@ class _Mix(torch.autograd.Function):
         return (grad_coeffs, *grads)
 
 
-def _accumulate(coeffs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_k c_k·u_k into one new tensor, in place after the first product. ``coeffs``: a vector, or already unbound."""
-    c = coeffs.unbind() if isinstance(coeffs, torch.Tensor) else coeffs  # one call: indexing costs a dispatch each
+def _accumulate(c: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_k c_k·u_k into one new tensor, in place after the first product. ``c``: the coefficients unbound (one
+    ``unbind`` call: indexing costs a dispatch each)."""
     first = inputs[0]
     dtype = first.dtype
     for u in inputs[1:]:  # as z + u would give
@@ -97,7 +99,7 @@ def mix(coeffs: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
             out = out + inputs[k] * coeffs[k]
         return out
     if not torch.is_grad_enabled():
-        return _accumulate(coeffs, inputs)  # the same sum without the autograd function's overhead
+        return _accumulate(coeffs.unbind(), inputs)  # the same sum without the autograd function's overhead
     return _Mix.apply(coeffs, *inputs)  # type: ignore[no-any-return]
 
 
@@ -154,9 +156,7 @@ class Mixer(nn.Module):
         # calibrated are two graphs, not one per batch count.
         self._seen = 0
         self._calibrating = rescale_taps and calibration_batches > 0
-        self._kept_fold_scales: tuple[torch.Tensor, tuple[int, int, bool], torch.Tensor] | None = None
-        self._kept_coefficient_values: tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int, bool],
-                                             tuple[torch.Tensor, ...]] | None = None  # fmt: skip
+        self._kept: dict[str, tuple[tuple[torch.Tensor, ...], tuple[Any, ...], Any]] = {}  # see _keep()
         # Set by GraftedModel.keep_feature_hints(): each training pass with autograd then leaves its feature hint,
         # the mean squared distance from z to every adapted tap, in ``hint_loss``.
         self.keeps_hint = False
@@ -221,24 +221,35 @@ class Mixer(nn.Module):
         return coeffs * self._fold_scales() if self._folds else coeffs
 
     def _kept_coefficients(self) -> tuple[torch.Tensor, ...]:
-        """:meth:`_coefficients` unbound, for passes without autograd, kept until w or the tap scales change.
+        """:meth:`_coefficients` unbound, for passes without autograd, kept until w or the tap scales change: an RL
+        rollout's policy steps all mix with one w, and recomputing the softmax, the scales' product and the
+        unbinding on each step was most of a mixer's cost there."""
+        return self._keep("coefficients", (self.logits, self.tap_scale), lambda: self._coefficients().unbind())
 
-        An RL rollout's policy steps all mix with one w: recomputing the softmax, the scales' product and the
-        unbinding on each step was most of a mixer's cost there (three of its six small ops). w and the tap
-        scales are written in place (the optimizer, the floor, calibration, θ_old's copies), which bumps their
-        version counters, or replaced (``.to()``, ``.data =``), which changes the tensor or its storage. A tensor
-        in shared memory (A3C's workers) is written by other processes without bumping this one's counter:
-        never kept.
+    def _keep(self, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], _T]) -> _T:
+        """``build()``, kept under ``name`` until one of ``sources`` changes.
+
+        Parameters and buffers are written in place (the optimizer, the floor, calibration, ``load_state_dict``,
+        θ_old's copies), which bumps their version counters, or replaced (``.to()``, ``.data =``), which changes the
+        tensor or its storage: either makes the next call build again. Kept values are never written, so a graph
+        that saved one for backward stays valid. Nothing is kept while compiling (a compiled graph reads no
+        host-side cache), nor for a source in shared memory (A3C's workers), which other processes write without
+        bumping this one's counter. A value built in inference mode is built again outside it, and the other way
+        round (inference tensors cannot be saved for a backward).
         """
-        w, scale = self.logits, self.tap_scale
-        key = (w._version, w.data_ptr(), scale._version, scale.data_ptr(), torch.is_inference_mode_enabled())
-        kept = self._kept_coefficient_values
-        if kept is not None and kept[0] is w and kept[1] is scale and kept[2] == key:
-            return kept[3]
-        coefficients = self._coefficients().unbind()
-        if not (w.is_shared() or scale.is_shared()):
-            self._kept_coefficient_values = (w, scale, key, coefficients)
-        return coefficients
+        if torch.compiler.is_compiling():
+            return build()
+        # the ids stand for the tensors themselves: the kept entry holds them, so no other object can take an id
+        key = (torch.is_inference_mode_enabled(), *[(id(t), t._version, t.data_ptr()) for t in sources])
+        kept = self._kept.get(name)
+        if kept is not None and kept[1] == key:
+            return cast(_T, kept[2])
+        value = build()
+        if any(t.is_shared() for t in sources):  # a shared tensor's entry could not tell when it is stale
+            self._kept.pop(name, None)
+        else:
+            self._kept[name] = (sources, key, value)
+        return value
 
     def _hint(self, z: torch.Tensor, taps: Sequence[torch.Tensor], adapted: Sequence[torch.Tensor]) -> torch.Tensor:
         """mean_l mean((z − u_l)²) over the adapted taps u_l = Q_l(s_l·t_l): it teaches the student's own layers
@@ -262,23 +273,9 @@ class Mixer(nn.Module):
         return torch.stack(terms).mean()
 
     def _fold_scales(self) -> torch.Tensor:
-        """``(1, s_1 or 1, …)``: the tap scales folded into the coefficients, 1 for the student and unfolded taps.
-
-        Built in four small ops, so it is kept until ``tap_scale`` changes: it is a buffer, written in place only
-        (calibration, ``load_state_dict``, θ_old's copies), which bumps its version, or replaced (``.to()``), which
-        changes the tensor. The kept tensor is never written, so a graph that saved it for backward stays valid.
-        Compiled graphs build it (a compiled graph reads no host-side cache), and so does a mixer whose scales are
-        in shared memory (A3C's workers), where another process's writes leave this one's counter as it was.
-        """
-        scale = self.tap_scale
-        if torch.compiler.is_compiling() or scale.is_shared():
-            return self._build_fold_scales(scale)
-        key = (scale._version, scale.data_ptr(), torch.is_inference_mode_enabled())
-        kept = self._kept_fold_scales
-        if kept is None or kept[0] is not scale or kept[1] != key:
-            kept = (scale, key, self._build_fold_scales(scale))
-            self._kept_fold_scales = kept
-        return kept[2]
+        """``(1, s_1 or 1, …)``: the tap scales folded into the coefficients, 1 for the student and unfolded taps;
+        built in four small ops, so kept until ``tap_scale`` changes (:meth:`_keep`)."""
+        return self._keep("fold scales", (self.tap_scale,), lambda: self._build_fold_scales(self.tap_scale))
 
     def _build_fold_scales(self, scale: torch.Tensor) -> torch.Tensor:
         scales = torch.cat([scale.new_ones(1), scale])
@@ -286,8 +283,7 @@ class Mixer(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # a pass's hint holds its autograd graph, and the kept tensors are the original's: copies go without them
-        return {**super().__getstate__(), "hint_loss": None, "_kept_fold_scales": None,
-                "_kept_coefficient_values": None}  # fmt: skip
+        return {**super().__getstate__(), "hint_loss": None, "_kept": {}}
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
