@@ -14,7 +14,11 @@ One run, the cases interleaved update by update (median of ``--rounds`` rounds o
                               and fc: the taps the collector records are the update's, so the teachers run only
                               while collecting;
   KF fixed, taps not cached   the same with the collector's tap cache off (``Collector(cache_taps=False)``): the
-                              update runs the teachers again, as graftnet did before the cache (an A/B in one run).
+                              update runs the teachers again, as graftnet did before the cache (an A/B in one run);
+  hand-written KF, fixed      the control (CPU only): "KF fixed, conv and fc" written by hand in plain PyTorch, without
+                              graftnet (benchmarks/handwritten_kf.py; the same values, checked by a test), from the
+                              same weights. ``graftnet ÷ hand-written`` is graftnet's steps/s over the control's, and
+                              the control's own ``of limit`` says how near its limit eager PyTorch gets at this size.
 An update is what the trainer does: a rollout of 16 environments × 5 steps, the loss, backward, Adam.
 
 For each knowledge-flow case, the components are timed alone in the same rounds:
@@ -65,8 +69,12 @@ from graftnet.rl.envs import env_info, make_env
 from graftnet.rl.runs import build_agent
 from graftnet.training.optim import make_optimizer
 
+from handwritten_kf import HandWrittenKF  # the control next to this file
+
 ENV = "MinAtar/SpaceInvaders-v1"
 N, T = 16, 5
+PROGRESS = 0.3  # where in training the updates are taken: λ1 = 40 (of 100), the floor of p_w(student) 0.2
+HAND = "hand-written KF, fixed"
 
 
 @dataclass(frozen=True)
@@ -154,16 +162,68 @@ def _teacher_work(g: GraftedModel, lambda2: float, obs: torch.Tensor,
     return update, lambda: one_step(steps[0])
 
 
-def _teacher_calls(g: GraftedModel, collect: Callable[[], Any]) -> float:
+def _teacher_calls(bodies: list[nn.Module], collect: Callable[[], Any]) -> float:
     """How many times each teacher runs in ``collect()`` (the mean over teachers): T, or T + 1 where the
     bootstrap pass's taps cannot be carried to the next rollout's first step."""
     calls = [0]
-    hooks = [t.body.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-             for t in g.teachers.values() if isinstance(t, FrozenTeacher)]  # fmt: skip
+    hooks = [b.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for b in bodies]
     collect()
     for h in hooks:
         h.remove()
     return calls[0] / max(len(hooks), 1)
+
+
+@dataclass
+class _Case:
+    """One timed case: ``update()`` takes one update and returns its agent steps, ``collect()`` one rollout;
+    ``bodies`` are the teachers' modules (what the teachers' calls are), ``timed`` what the in-loop clock times
+    (the bodies and the input adapters), ``collector`` the object whose ``collect`` the update calls."""
+
+    update: Callable[[], int]
+    collect: Callable[[], Any]
+    bodies: list[nn.Module]
+    timed: list[nn.Module]
+    collector: Any
+    env: Any
+    teachers: str = ""  # what the teachers run, for the first lines
+
+
+def _graftnet_case(spec: graftnet.Spec, env_id: str, device: torch.device, cache_taps: bool) -> tuple[_Case, Any]:
+    env = make_env(env_id, N, seed=0)
+    method, _ = build_agent(spec, env.observation_shape, env.num_actions, total_steps=10_000)
+    method.model.train()
+    method.to(device)
+    assert spec.train is not None and spec.rl is not None
+    optimizer = make_optimizer(method.param_groups(), spec.train)
+    collector = Collector(env, device, cache_taps=cache_taps)
+    rl = spec.rl
+
+    def update() -> int:
+        return a2c_update(method, collector, optimizer, rl, PROGRESS)[2]
+
+    bodies: list[nn.Module] = [t.body for t in method.grafted.teachers.values() if isinstance(t, FrozenTeacher)]
+    kept = ", ".join(f"teacher runs {t.parameters_run:,} of {t.parameters_total:,} parameters"
+                     for t in list(method.grafted.teachers.values())[:1])  # fmt: skip
+    case = _Case(update, lambda: collector.collect(method.model, T), bodies,
+                 bodies + list(method.grafted.input_adapters.values()), collector, env, kept)  # fmt: skip
+    return case, method
+
+
+def _handwritten(method: Any, env_id: str, env: Any) -> HandWrittenKF:
+    """The hand-written control for the fixed-adapter spec, from ``method``'s graft: the same weights, tap scales
+    and settings (benchmarks/handwritten_kf.py)."""
+    settings = method.settings
+    return HandWrittenKF.from_graft(
+        method.grafted, env, int(_game(env_id).conv.split(".")[-1]), lambda1=method.lambda1(PROGRESS),
+        lambda2=settings.lambda2, floor=method.student_floor(PROGRESS), lr=settings.lr,
+        lr_mixing=method.param_groups()[1]["lr"], clip_rewards=env_id.startswith("ALE/"),
+    )  # fmt: skip
+
+
+def _handwritten_case(method: Any, env_id: str) -> _Case:
+    env = make_env(env_id, N, seed=0)
+    hand = _handwritten(method, env_id, env)
+    return _Case(lambda: hand.update(T), lambda: hand.collect(T), list(hand.teachers), list(hand.teachers), hand, env)
 
 
 class _InSituClock:
@@ -174,12 +234,11 @@ class _InSituClock:
     cost any implementation in the loop. On CPU only (a GPU's calls return before their work is done).
     """
 
-    def __init__(self, g: GraftedModel, collector: Collector) -> None:
+    def __init__(self, modules: list[nn.Module], collector: Any) -> None:
         self.seconds = 0.0  # the teachers' calls while collecting
         self.collecting = 0.0  # the collector's calls, whole
         self._on = False
-        bodies = [t.body for t in g.teachers.values() if isinstance(t, FrozenTeacher)]
-        for m in bodies + list(g.input_adapters.values()):
+        for m in modules:
             m.forward = self._timing(m.forward)
         collect = collector.collect
 
@@ -192,7 +251,7 @@ class _InSituClock:
                 self._on = False
                 self.collecting += time.perf_counter() - start
 
-        collector.collect = collecting  # type: ignore[method-assign]
+        collector.collect = collecting
 
     def _timing(self, forward: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -236,48 +295,43 @@ def main() -> None:
         "KF fixed, taps not cached": _spec(["conv", "fc"], learned=False, env=args.env),
     }
     device = torch.device(args.device)
-    runs = {}
+    runs: dict[str, _Case] = {}
+    methods = {}
     for name, spec in cases.items():
-        env = make_env(args.env, N, seed=0)
-        method, _ = build_agent(spec, env.observation_shape, env.num_actions, total_steps=10_000)
-        method.model.train()
-        method.to(device)
-        assert spec.train is not None
-        optimizer = make_optimizer(method.param_groups(), spec.train)
-        collector = Collector(env, device, cache_taps=name != "KF fixed, taps not cached")
-        runs[name] = (method, collector, optimizer, spec, env)
-    obs = runs["plain A2C"][1].collect(runs["plain A2C"][0].model, T)[0].obs  # real observations for the teachers
+        cache_taps = name != "KF fixed, taps not cached"
+        runs[name], methods[name] = _graftnet_case(spec, args.env, device, cache_taps)
+    if device.type == "cpu":  # the control runs on the CPU only (written for it: no device moves)
+        runs[HAND] = _handwritten_case(methods["KF fixed, conv and fc"], args.env)
+    obs = runs["plain A2C"].collect()[0].obs  # real observations for the teachers
     obs = obs.to(device)
-    plain_student = runs["plain A2C"][0].model  # the student alone (a graft without sites)
-    work = {name: _teacher_work(run[0].grafted, run[3].train.lambda2, obs, plain_student)
-            for name, run in runs.items() if name != "plain A2C"}  # fmt: skip
-    for method, collector, *_ in runs.values():
-        collector.collect(method.model, T)  # a first rollout: the next ones start from a bootstrap pass's taps
-    calls = {name: _teacher_calls(run[0].grafted, lambda run=run: run[1].collect(run[0].model, T))
-             for name, run in runs.items() if name in work}  # fmt: skip
-    teachers = {name: [(t, t.parameters_run, t.parameters_total) for t in run[0].model.teachers.values()]
-                for name, run in runs.items()}  # fmt: skip
-    clocks = {name: _InSituClock(run[0].grafted, run[1]) for name, run in runs.items()} if device.type == "cpu" else {}
+    plain_student = methods["plain A2C"].model  # the student alone (a graft without sites)
+    work = {name: _teacher_work(m.grafted, m.settings.lambda2, obs, plain_student)
+            for name, m in methods.items() if name != "plain A2C"}  # fmt: skip
+    if HAND in runs:
+        work[HAND] = work["KF fixed, conv and fc"]  # the same teachers, and θ_old's forward of the same student
+    for run in runs.values():
+        run.collect()  # a first rollout: the next ones start from a bootstrap pass's taps
+    calls = {name: _teacher_calls(run.bodies, run.collect) for name, run in runs.items() if name in work}
+    on_cpu = device.type == "cpu"
+    clocks = {name: _InSituClock(run.timed, run.collector) for name, run in runs.items()} if on_cpu else {}
     in_situ: dict[str, list[float]] = {name: [] for name in clocks}  # the teachers' collection calls, per update
     collect_in_situ: dict[str, list[float]] = {name: [] for name in clocks}  # the collector's calls, per update
-    rates: dict[str, list[float]] = {name: [] for name in cases}
-    collect: dict[str, list[float]] = {name: [] for name in cases}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    collect: dict[str, list[float]] = {name: [] for name in runs}
     required: dict[str, list[float]] = {name: [] for name in work}
     per_step: dict[str, list[float]] = {name: [] for name in work}
     for round_ in range(args.rounds + 1):  # round 0 warms up
-        for name, (method, collector, optimizer, spec, _) in runs.items():
-            assert spec.rl is not None
+        for name, run in runs.items():
             if name in clocks:
                 clocks[name].seconds = clocks[name].collecting = 0.0
             start, steps = time.perf_counter(), 0
             for _ in range(args.updates):
-                _, _, n = a2c_update(method, collector, optimizer, spec.rl, 0.3)
-                steps += n
+                steps += run.update()
             took = time.perf_counter() - start
             if round_ and name in clocks:
                 in_situ[name].append(clocks[name].seconds / args.updates)
                 collect_in_situ[name].append(clocks[name].collecting / args.updates)
-            c = _timed(lambda method=method, collector=collector: collector.collect(method.model, T), args.updates)
+            c = _timed(run.collect, args.updates)
             if name in work:
                 r, s = _timed(work[name][0], args.updates), _timed(work[name][1], args.updates * T)
             if round_:
@@ -286,8 +340,8 @@ def main() -> None:
                 if name in work:
                     required[name].append(r)
                     per_step[name].append(s)
-    for *_, env in runs.values():
-        env.close()
+    for run in runs.values():
+        run.env.close()
     med = {name: statistics.median(r) for name, r in rates.items()}
     t_plain = T * N / med["plain A2C"]
     c_plain = statistics.median(collect["plain A2C"])
@@ -295,7 +349,7 @@ def main() -> None:
           f"update; median of {args.rounds} rounds of {args.updates} updates")
     print(f"  plain A2C: {t_plain * 1e3:.2f} ms per update, collection {c_plain * 1e6:.0f} us per env step")
     for name, rate in med.items():
-        kept = ", ".join(f"teacher runs {run:,} of {total:,} parameters" for _, run, total in teachers[name][:1])
+        kept = runs[name].teachers
         print(f"  {name:<26} {rate:8,.0f} agent steps/s  ({rate / med['plain A2C']:.2f} of plain A2C)"
               + (f"  [{kept}]" if kept else ""))
     print("  case                       ratio  limit  of limit  teachers/update  teacher calls/rollout  "
@@ -313,6 +367,10 @@ def main() -> None:
         overhead = statistics.median(collect[name]) - c_plain - teacher_time
         print(f"  {name:<26} {ratio:5.2f}  {limit:5.2f}  {of_limit:8.2f}  {t_req * 1e3:12.2f} ms"
               f"  {calls[name]:21.0f}  {overhead * 1e6:25.0f} us")
+    if HAND in rates:
+        per_round = statistics.median(a / b for a, b in zip(rates["KF fixed, conv and fc"], rates[HAND], strict=True))
+        print(f"  graftnet ÷ hand-written (KF fixed, conv and fc over {HAND}, steps/s, median over rounds): "
+              f"{per_round:.2f}")
     if not in_situ:
         return
     print("  with the teachers' collection calls timed in the loop (limit*: required work with those calls at their "

@@ -28,14 +28,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_rl  # noqa: E402 - the benchmark next to this file: the same specs
-
 from graftnet import mixer  # noqa: E402
 from graftnet.provenance import command_line, versions  # noqa: E402
 from graftnet.rl.a2c import Collector, a2c_loss  # noqa: E402
 from graftnet.rl.envs import make_env  # noqa: E402
 from graftnet.rl.runs import build_agent  # noqa: E402
 from graftnet.training.optim import make_optimizer  # noqa: E402
+
+import bench_rl  # noqa: E402 - the benchmark next to this file: the same specs
 
 
 def _oracle(self: mixer.Mixer, z: torch.Tensor, *taps: torch.Tensor) -> torch.Tensor:

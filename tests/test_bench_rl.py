@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from graftnet.rl.a2c import Collector, Rollout, a2c_loss, a2c_update
+from graftnet.rl.envs import make_env
+from graftnet.rl.runs import build_agent
+from graftnet.training.optim import make_optimizer
 
 pytest.importorskip("minatar")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -21,13 +28,16 @@ def _run(script: str, *args: str) -> str:
 def _check_rows(out: str) -> None:
     lines = out.splitlines()
     in_loop = lines.index(next(line for line in lines if "timed in the loop" in line))
-    for case in ("KF, taps at conv and fc", "KF fixed, conv and fc", "KF fixed, taps not cached"):
+    cases = ("KF, taps at conv and fc", "KF fixed, conv and fc", "KF fixed, taps not cached", "hand-written KF, fixed")
+    for case in cases:
         row = next(line for line in lines if line.strip().startswith(case) and " ms " in line)
         ratio, limit, of_limit = (float(v) for v in row.split()[len(case.split()):][:3])
         assert 0 < ratio <= 1.5 and 0 < limit <= 1 and 0 < of_limit <= 2
         row = next(line for line in lines[in_loop:] if line.strip().startswith(case))
         slower, limit, of_limit = (float(v) for v in row.split()[len(case.split()):][:3])
         assert 0.5 < slower < 5 and 0 < limit <= 1 and 0 < of_limit <= 2  # the calls in the loop, and that limit
+    against_control = float(next(line for line in lines if "graftnet ÷ hand-written" in line).split()[-1])
+    assert 0 < against_control < 3
 
 
 def test_bench_rl_reports_ratio_limit_and_of_limit_for_every_case() -> None:
@@ -52,3 +62,56 @@ def test_the_overhead_probe_times_every_variant(tmp_path: Path) -> None:
                         for v in ("graftnet", "oracle", "baseline")}  # fmt: skip
     assert all(float(r[-2]) > 0 and float(r[-1]) > 0 for r in rows)
     assert "torch " in out  # the versions it ran with
+
+
+class _Given:
+    """A collector that hands out one given rollout: graftnet's own update on the rollout the control learns from."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, rollout: Rollout) -> None:
+        self.rollout = rollout
+
+    def collect(self, model: object, steps: int) -> tuple[Rollout, list[object]]:
+        return self.rollout, []
+
+
+def test_the_hand_written_control_computes_what_graftnet_computes() -> None:
+    """bench_rl.py's hand-written knowledge flow is graftnet's fixed-adapter case, value for value: the same
+    collection passes, loss parts (with a nonzero KL term once θ_old lags), gradients and parameters after each
+    update, on the same rollouts."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        bench_rl = importlib.import_module("bench_rl")
+    finally:
+        sys.path.remove(str(BENCH))
+    torch.manual_seed(0)
+    spec = bench_rl._spec(["conv", "fc"], learned=False)
+    env = make_env(bench_rl.ENV, bench_rl.N, seed=0)
+    method, _ = build_agent(spec, env.observation_shape, env.num_actions, total_steps=10_000)
+    method.model.train()
+    optimizer = make_optimizer(method.param_groups(), spec.train)
+    collector = Collector(env, torch.device("cpu"))
+    collector.collect(method.model, bench_rl.T)  # calibrates the tap scales, which the control copies
+    hand = bench_rl._handwritten(method, bench_rl.ENV, make_env(bench_rl.ENV, bench_rl.N, seed=1))
+    g = method.grafted
+    pairs = [(g.mixers["features.1"].logits, hand.model.w_conv), (g.mixers["act"].logits, hand.model.w_fc)]
+    pairs += [(p, dict(hand.model.student.named_parameters())[n]) for n, p in g.student.named_parameters()]
+    x = torch.rand(7, *env.observation_shape)
+    with torch.no_grad():
+        for ours, theirs in zip(g(x), hand.model(x, hand.taps(x)), strict=True):
+            torch.testing.assert_close(ours, theirs)
+    kls = []
+    for _ in range(3):
+        rollout, _ = collector.collect(method.model, bench_rl.T)
+        _, parts = a2c_loss(method, rollout, spec.rl, bench_rl.PROGRESS, torch.device("cpu"))
+        ours = [parts[k].item() for k in ("loss", "policy_loss", "value_loss", "entropy", "dep_loss", "kl_loss")]
+        taps = [rollout.taps[name] for name in g.teachers]  # type: ignore[index]
+        theirs = hand.learn(rollout.obs, rollout.actions, rollout.rewards, rollout.dones, rollout.last_value, taps)
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+        kls.append(ours[-1])
+        a2c_update(method, _Given(rollout), optimizer, spec.rl, bench_rl.PROGRESS)  # type: ignore[arg-type]
+        for p, q in pairs:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert kls[0] == 0 and kls[1] > 0 and kls[2] > 0  # θ_old = θ before the first step, then the step before
