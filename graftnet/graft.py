@@ -90,11 +90,13 @@ class FrozenTeacher(nn.Module):
                     f"the teacher's reused taps are of a batch of {taps[0].shape[0]}, but this call's input is a "
                     f"batch of {x.shape[0]}: within reusing_teacher_features() every call must see the same batch"
                 )
-        else:
+        elif torch.is_grad_enabled():
             with torch.no_grad():
                 taps = self.body(x)
-            if self.reuse:
-                self._cached = taps
+        else:  # already without autograd (a rollout's steps, the θ_old pass): no context to enter
+            taps = self.body(x)
+        if self.reuse and self._cached is None:
+            self._cached = taps
         if self._records is not None:
             self._records.append(taps)
         return taps

@@ -16,7 +16,7 @@ from graftnet.errors import EnvError, SpecError, TraceError, TrainingError
 from graftnet.launch import train
 from graftnet.models import build_model
 from graftnet.plot import plot_runs, read_metrics
-from graftnet.rl.a2c import Rollout, a2c_loss, n_step_returns
+from graftnet.rl.a2c import Rollout, a2c_loss, n_step_returns, policy_and_value
 from graftnet.rl.runs import build_agent
 from graftnet.rl.trainer import train_rl
 from graftnet.training.objectives import METHODS
@@ -58,6 +58,16 @@ def test_n_step_returns_bootstrap_and_stop_at_episode_ends() -> None:
     # env 0: the episode ends after step 1, so steps 0-1 do not see step 2 or the bootstrap value
     assert torch.allclose(returns[:, 0], torch.tensor([1.0, 0.0, 2.0 + 0.5 * 10.0]))
     assert torch.allclose(returns[:, 1], torch.tensor([0.5 * 1.0 + 0.125 * 20.0, 1.0 + 0.25 * 20.0, 0.5 * 20.0]))
+
+
+def test_policy_and_value_takes_values_of_shape_b_or_b1_and_names_anything_else() -> None:
+    logits = torch.zeros(3, 4)
+    for value in (torch.arange(3.0), torch.arange(3.0)[:, None]):
+        out_logits, out_value = policy_and_value((logits, value))
+        assert out_logits is logits and torch.equal(out_value, torch.arange(3.0))
+    for out in ((logits, torch.zeros(3, 2)), (logits, torch.zeros(())), (logits[0], torch.zeros(1)), logits):
+        with pytest.raises(TrainingError, match="policy_logits of shape"):
+            policy_and_value(out)
 
 
 def test_eq4_loss_trains_student_logits_and_adapters_and_kl_needs_an_old_snapshot(tmp_path: Path) -> None:

@@ -31,8 +31,8 @@ def policy_and_value(out: object) -> tuple[torch.Tensor, torch.Tensor]:
     """``(policy_logits (B, A), value (B,))`` from an actor-critic's output, or a clear error."""
     if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out):
         logits, value = out
-        if logits.ndim == 2 and value.reshape(len(value), -1).shape[1] == 1:
-            return logits, value.reshape(-1)
+        if logits.ndim == 2 and value.ndim and value.numel() == len(value):  # (B,) or (B, 1)
+            return logits, value if value.ndim == 1 else value.reshape(-1)
     raise TrainingError(
         "reinforcement learning needs a student that returns (policy_logits of shape (batch, actions), value of "
         "shape (batch,)), such as graftnet:a3c or graftnet:a3c_minatar"
@@ -200,6 +200,8 @@ def a2c_update(
     objective.backward(total)  # total.backward(), scaled first with train.precision fp16
     if rl.max_grad_norm is not None:
         objective.unscale_gradients(optimizer)  # clip the true gradients, not fp16-scaled ones
-        nn.utils.clip_grad_norm_([p for p in objective.model.parameters() if p.requires_grad], rl.max_grad_norm)
+        # the gradients this step applies: the optimizer's parameters (walking the model's modules cost more)
+        stepped = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(stepped, rl.max_grad_norm)
     objective.step(optimizer, progress)
     return values, ended, rollout.steps
