@@ -15,10 +15,11 @@ One run, the cases interleaved update by update (median of ``--rounds`` rounds o
                               while collecting;
   KF fixed, taps not cached   the same with the collector's tap cache off (``Collector(cache_taps=False)``): the
                               update runs the teachers again, as graftnet did before the cache (an A/B in one run);
-  hand-written KF, fixed      the control (CPU only): "KF fixed, conv and fc" written by hand in plain PyTorch, without
-                              graftnet (benchmarks/handwritten_kf.py; the same values, checked by a test), from the
-                              same weights. ``graftnet ÷ hand-written`` is graftnet's steps/s over the control's, and
-                              the control's own ``of limit`` says how near its limit eager PyTorch gets at this size.
+  hand-written KF, learned    the controls (CPU only): "KF, taps at conv and fc" and "KF fixed, conv and fc"
+  hand-written KF, fixed      written by hand in plain PyTorch, without graftnet (benchmarks/handwritten_kf.py; the
+                              same values, checked by a test), from the same weights. ``graftnet ÷ hand-written``
+                              is graftnet's steps/s over its control's, and a control's own ``of limit`` says how
+                              near its limit eager PyTorch gets at this size.
 An update is what the trainer does: a rollout of 16 environments × 5 steps, the loss, backward, Adam.
 
 For each knowledge-flow case, the components are timed alone in the same rounds:
@@ -74,7 +75,7 @@ from handwritten_kf import HandWrittenKF  # the control next to this file
 ENV = "MinAtar/SpaceInvaders-v1"
 N, T = 16, 5
 PROGRESS = 0.3  # where in training the updates are taken: λ1 = 40 (of 100), the floor of p_w(student) 0.2
-HAND = "hand-written KF, fixed"
+CONTROLS = {"hand-written KF, learned": "KF, taps at conv and fc", "hand-written KF, fixed": "KF fixed, conv and fc"}
 
 
 @dataclass(frozen=True)
@@ -210,20 +211,21 @@ def _graftnet_case(spec: graftnet.Spec, env_id: str, device: torch.device, cache
 
 
 def _handwritten(method: Any, env_id: str, env: Any) -> HandWrittenKF:
-    """The hand-written control for the fixed-adapter spec, from ``method``'s graft: the same weights, tap scales
-    and settings (benchmarks/handwritten_kf.py)."""
-    settings = method.settings
+    """The hand-written control of ``method``'s case (taps at conv and fc, fixed or learned adapters), from its
+    graft: the same weights, tap scales and settings (benchmarks/handwritten_kf.py)."""
+    lrs = {group["name"]: group["lr"] for group in method.param_groups()}
     return HandWrittenKF.from_graft(
         method.grafted, env, int(_game(env_id).conv.split(".")[-1]), lambda1=method.lambda1(PROGRESS),
-        lambda2=settings.lambda2, floor=method.student_floor(PROGRESS), lr=settings.lr,
-        lr_mixing=method.param_groups()[1]["lr"], clip_rewards=env_id.startswith("ALE/"),
+        lambda2=method.settings.lambda2, floor=method.student_floor(PROGRESS), lr=lrs["student"],
+        lr_mixing=lrs["mixing"], lr_adapters=lrs.get("adapters", 0.0), clip_rewards=env_id.startswith("ALE/"),
     )  # fmt: skip
 
 
 def _handwritten_case(method: Any, env_id: str) -> _Case:
     env = make_env(env_id, N, seed=0)
     hand = _handwritten(method, env_id, env)
-    return _Case(lambda: hand.update(T), lambda: hand.collect(T), list(hand.teachers), list(hand.teachers), hand, env)
+    timed = [*hand.teachers, *hand.model.input_adapters]
+    return _Case(lambda: hand.update(T), lambda: hand.collect(T), list(hand.teachers), timed, hand, env)
 
 
 class _InSituClock:
@@ -300,15 +302,17 @@ def main() -> None:
     for name, spec in cases.items():
         cache_taps = name != "KF fixed, taps not cached"
         runs[name], methods[name] = _graftnet_case(spec, args.env, device, cache_taps)
-    if device.type == "cpu":  # the control runs on the CPU only (written for it: no device moves)
-        runs[HAND] = _handwritten_case(methods["KF fixed, conv and fc"], args.env)
+    if device.type == "cpu":  # the controls run on the CPU only (written for it: no device moves)
+        for control, case in CONTROLS.items():
+            runs[control] = _handwritten_case(methods[case], args.env)
     obs = runs["plain A2C"].collect()[0].obs  # real observations for the teachers
     obs = obs.to(device)
     plain_student = methods["plain A2C"].model  # the student alone (a graft without sites)
     work = {name: _teacher_work(m.grafted, m.settings.lambda2, obs, plain_student)
             for name, m in methods.items() if name != "plain A2C"}  # fmt: skip
-    if HAND in runs:
-        work[HAND] = work["KF fixed, conv and fc"]  # the same teachers, and θ_old's forward of the same student
+    for control, case in CONTROLS.items():
+        if control in runs:
+            work[control] = work[case]  # the same teachers and adapters, and θ_old's forward of the same student
     for run in runs.values():
         run.collect()  # a first rollout: the next ones start from a bootstrap pass's taps
     calls = {name: _teacher_calls(run.bodies, run.collect) for name, run in runs.items() if name in work}
@@ -367,10 +371,10 @@ def main() -> None:
         overhead = statistics.median(collect[name]) - c_plain - teacher_time
         print(f"  {name:<26} {ratio:5.2f}  {limit:5.2f}  {of_limit:8.2f}  {t_req * 1e3:12.2f} ms"
               f"  {calls[name]:21.0f}  {overhead * 1e6:25.0f} us")
-    if HAND in rates:
-        per_round = statistics.median(a / b for a, b in zip(rates["KF fixed, conv and fc"], rates[HAND], strict=True))
-        print(f"  graftnet ÷ hand-written (KF fixed, conv and fc over {HAND}, steps/s, median over rounds): "
-              f"{per_round:.2f}")
+    for control, case in CONTROLS.items():
+        if control in rates:
+            per_round = statistics.median(a / b for a, b in zip(rates[case], rates[control], strict=True))
+            print(f"  graftnet ÷ hand-written: {case} over {control}, steps/s, median over rounds: {per_round:.2f}")
     if not in_situ:
         return
     print("  with the teachers' collection calls timed in the loop (limit*: required work with those calls at their "

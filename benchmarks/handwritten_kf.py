@@ -1,15 +1,18 @@
-"""Knowledge-flow A2C written by hand, without graftnet: the control for bench_rl.py's fixed-adapter case.
+"""Knowledge-flow A2C written by hand, without graftnet: the control for bench_rl.py's cases with taps at conv and fc.
 
 What a careful engineer would write for one student and two teachers of the A3C family, mixing at two sites (the
 pre-activation of one conv layer's ReLU and of the dense layer's), in plain eager PyTorch: the mixing inline in the
-forward pass (``c_0·z + c_1·t_1 + c_2·t_2``, autograd as it comes), the coefficients computed once per rollout, the
-teachers' taps of the rollout kept for the update and θ_old's pass (and the bootstrap pass's carried to the next
-rollout), θ_old a second copy of the student refreshed with one fused copy before each step. It computes what
-graftnet's knowledge flow computes for that spec, value for value (tests/test_bench_rl.py checks the loss, the
-gradients and the collection passes against graftnet's), so its speed is what graftnet's machinery is measured
-against: bench_rl.py reports graftnet ÷ hand-written beside both cases' ratios to their limit.
+forward pass (``c_0·z + c_1·t_1 + c_2·t_2``, autograd as it comes), the coefficients computed once per rollout,
+θ_old a second copy of the student (with its input adapters) refreshed with one fused copy before each step. With
+fixed adapters (the teachers take the student's observations) the teachers' taps of the rollout are kept for the
+update and θ_old's pass, and the bootstrap pass's carried to the next rollout; with learned ones (a 1×1
+convolution in front of each teacher, written as a matrix product: oneDNN's 1×1 convolution on an observation's few
+channels is many times slower) the update runs the teachers again through θ's adapters and θ_old's.
+It computes what graftnet's knowledge flow computes for those specs, value for value (tests/test_bench_rl.py checks
+the loss, the gradients and the collection passes against graftnet's), so its speed is what graftnet's machinery
+is measured against: bench_rl.py reports graftnet ÷ hand-written beside both cases' ratios to their limit.
 
-Not part of graftnet: a benchmark's control, for the fixed-adapter spec of bench_rl.py only.
+Not part of graftnet: a benchmark's control, for bench_rl.py's specs only.
 """
 
 from __future__ import annotations
@@ -48,12 +51,25 @@ class TeacherTaps(nn.Module):
         return conv, self.fc(self.relu(conv).flatten(1))
 
 
+class Pointwise(nn.Conv2d):
+    """A 1×1 convolution as a batched matrix product over the pixels, the bias added in the same call (a plain
+    ``torch.matmul`` of the weight and the batch is 3–10× slower on Atari frames: it copies the broadcast)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        weight = self.weight.view(1, -1, c).expand(b, -1, c)
+        assert self.bias is not None
+        return torch.baddbmm(self.bias.view(1, -1, 1), weight, x.reshape(b, c, h * w)).view(b, -1, h, w)
+
+
 class MixedStudent(nn.Module):
     """The student with each site's mixing weights w (index 0: the student) and its teachers' fixed tap scales."""
 
-    def __init__(self, student: nn.Module, conv_site: int, scales: Sequence[torch.Tensor]) -> None:
+    def __init__(self, student: nn.Module, conv_site: int, scales: Sequence[torch.Tensor],
+                 input_adapters: Sequence[nn.Module] = ()) -> None:  # fmt: skip
         super().__init__()
         self.student = student
+        self.input_adapters = nn.ModuleList(input_adapters)  # one per teacher, or none (fixed: the observations)
         self.conv_site = conv_site
         self.w_conv = nn.Parameter(torch.zeros(3))
         self.w_fc = nn.Parameter(torch.zeros(3))
@@ -88,7 +104,7 @@ class HandWrittenKF:
     """
 
     def __init__(self, model: MixedStudent, teachers: Sequence[TeacherTaps], env: VecEnv, *, lambda1: float,
-                 lambda2: float, floor: float, lr: float, lr_mixing: float, gamma: float = 0.99,
+                 lambda2: float, floor: float, lr: float, lr_mixing: float, lr_adapters: float, gamma: float = 0.99,
                  entropy: float = 0.01, value_coef: float = 0.5, max_grad_norm: float = 0.5,
                  clip_rewards: bool = False) -> None:  # fmt: skip
         self.model, self.teachers, self.env = model, list(teachers), env
@@ -96,38 +112,49 @@ class HandWrittenKF:
         self.lambda1, self.lambda2, self.floor = lambda1, lambda2, floor
         self.gamma, self.entropy, self.value_coef, self.max_grad_norm = gamma, entropy, value_coef, max_grad_norm
         self.clip_rewards = clip_rewards  # to [-1, 1], as A2C does on Atari
-        mixing = [model.w_conv, model.w_fc]
+        self.learned = len(model.input_adapters) > 0
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam([
-            {"params": [p for p in self.params if all(p is not w for w in mixing)], "lr": lr},
-            {"params": mixing, "lr": lr_mixing},
-        ])  # fmt: skip
+        groups = [(list(model.student.parameters()), lr), ([model.w_conv, model.w_fc], lr_mixing),
+                  (list(model.input_adapters.parameters()), lr_adapters)]  # fmt: skip
+        self.optimizer = torch.optim.Adam([{"params": params, "lr": rate} for params, rate in groups if params])
         self.obs = torch.from_numpy(env.reset())
         self.carried: Taps | None = None  # the bootstrap pass's taps of self.obs
 
     @classmethod
     def from_graft(cls, g: GraftedModel, env: VecEnv, conv_site: int, **settings: Any) -> HandWrittenKF:
-        """The same student, teachers (in ``g.teachers``' order), w and tap scales as ``g`` (a copy of each)."""
-        teachers = []
-        for t in g.teachers.values():
+        """The same student, teachers (in ``g.teachers``' order), w, tap scales and input adapters as ``g`` (a copy
+        of each; an input adapter as a :class:`Pointwise` convolution)."""
+        teachers, adapters = [], []
+        for name, t in g.teachers.items():
             assert isinstance(t, FrozenTeacher)
             body = copy.deepcopy(t.body)  # graftnet's truncated copy of the teacher: features up to the site, fc
             features = body.get_submodule("features")
             layers = [features.get_submodule(str(i)) for i in range(conv_site + 1)]
             teachers.append(TeacherTaps(layers, body.get_submodule("fc")))
+            if name in g.input_adapters:
+                given = g.input_adapters[name]
+                assert isinstance(given, nn.Conv2d) and given.kernel_size == (1, 1)
+                conv = Pointwise(given.in_channels, given.out_channels, 1, bias=given.bias is not None)
+                conv.load_state_dict(given.state_dict())
+                adapters.append(conv)
         mixers = list(g.mixers.values())  # the conv site, then the dense layer's
-        model = MixedStudent(copy.deepcopy(g.student), conv_site, [m.tap_scale.clone() for m in mixers])
+        model = MixedStudent(copy.deepcopy(g.student), conv_site, [m.tap_scale.clone() for m in mixers], adapters)
         with torch.no_grad():
             model.w_conv.copy_(mixers[0].logits)
             model.w_fc.copy_(mixers[1].logits)
         return cls(model, teachers, env, **settings)
 
-    def taps(self, x: torch.Tensor) -> Taps:
-        return [t(x) for t in self.teachers]
+    def taps(self, x: torch.Tensor, model: MixedStudent | None = None) -> Taps:
+        """The teachers' taps of ``x``, through ``model``'s input adapters (default: θ's) if they have some."""
+        adapters = (model or self.model).input_adapters
+        if not adapters:
+            return [t(x) for t in self.teachers]
+        return [t(a(x)) for t, a in zip(self.teachers, adapters, strict=True)]
 
     @torch.no_grad()
-    def collect(self, steps: int) -> tuple[torch.Tensor, ...]:
-        """``steps`` policy steps and the bootstrap pass: (obs, actions, rewards, dones, last value, taps)."""
+    def collect(self, steps: int) -> tuple[Any, ...]:
+        """``steps`` policy steps and the bootstrap pass: (obs, actions, rewards, dones, last value, taps); taps
+        None with learned adapters (the update recomputes them: they depend on the adapters it trains)."""
         n = self.env.num_envs
         obs = torch.empty((steps, n, *self.env.observation_shape))
         actions = torch.empty((steps, n), dtype=torch.long)
@@ -144,20 +171,24 @@ class HandWrittenKF:
             next_obs, reward, done, _ = self.env.step(action.numpy())
             actions[t], rewards[t], dones[t] = action, torch.from_numpy(reward), torch.from_numpy(done)
             self.obs = torch.from_numpy(next_obs)
-        self.carried = self.taps(self.obs)
-        _, last_value = self.model(self.obs, self.carried, coefficients)  # type: ignore[arg-type]
+        last_taps = self.taps(self.obs)
+        _, last_value = self.model(self.obs, last_taps, coefficients)  # type: ignore[arg-type]
+        if self.learned:  # after the update the adapters differ: nothing of this rollout's taps is reused
+            return obs, actions, rewards, dones, last_value, None
+        self.carried = last_taps
         taps = [tuple(torch.cat(parts) for parts in zip(*(step[k] for step in recorded), strict=True))
                 for k in range(len(self.teachers))]  # fmt: skip
-        return obs, actions, rewards, dones, last_value, taps  # type: ignore[return-value]
+        return obs, actions, rewards, dones, last_value, taps
 
     def loss(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor,
-             last_value: torch.Tensor, taps: Taps) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-        """The A2C loss plus λ1·ℓ_dep + λ2·KL(π_θ ‖ π_θold), and its parts (total, policy, value, entropy, dep, KL)."""
+             last_value: torch.Tensor, taps: Taps | None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+        """The A2C loss plus λ1·ℓ_dep + λ2·KL(π_θ ‖ π_θold), and its parts (total, policy, value, entropy, dep, KL);
+        ``taps`` None: the teachers run here, through θ's input adapters and θ_old's."""
         t, n = actions.shape
         x = obs.reshape(t * n, *obs.shape[2:])
         rewards = rewards.clamp(-1.0, 1.0) if self.clip_rewards else rewards
         returns = n_step_returns(rewards, dones, last_value, self.gamma).reshape(-1)
-        logits, values = self.model(x, taps)
+        logits, values = self.model(x, taps if taps is not None else self.taps(x))
         log_p = F.log_softmax(logits, dim=-1)
         advantage = (returns - values).detach()
         policy_loss = -(log_p.gather(1, actions.reshape(-1, 1)).squeeze(1) * advantage).mean()
@@ -165,7 +196,7 @@ class HandWrittenKF:
         value_loss = 0.5 * (returns - values).pow(2).mean()
         dep = -(torch.log_softmax(self.model.w_conv, 0)[0] + torch.log_softmax(self.model.w_fc, 0)[0]) / 2
         with torch.no_grad():
-            old_logits, _ = self.old(x, taps)
+            old_logits, _ = self.old(x, taps if taps is not None else self.taps(x, self.old))
         kl = (log_p.exp() * (log_p - F.log_softmax(old_logits, dim=-1))).sum(-1).mean()
         total = (policy_loss - self.entropy * entropy + self.value_coef * value_loss
                  + self.lambda1 * dep + self.lambda2 * kl)  # fmt: skip
@@ -177,7 +208,7 @@ class HandWrittenKF:
         return steps * self.env.num_envs
 
     def learn(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor,
-              last_value: torch.Tensor, taps: Taps) -> list[float]:  # fmt: skip
+              last_value: torch.Tensor, taps: Taps | None) -> list[float]:  # fmt: skip
         """One optimizer step on a rollout; returns the loss parts (as :meth:`loss` orders them)."""
         total, parts = self.loss(obs, actions, rewards, dones, last_value, taps)
         values: list[float] = torch.stack([v.detach() for v in parts]).tolist()  # one host copy: check and log

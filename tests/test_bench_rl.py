@@ -28,7 +28,8 @@ def _run(script: str, *args: str) -> str:
 def _check_rows(out: str) -> None:
     lines = out.splitlines()
     in_loop = lines.index(next(line for line in lines if "timed in the loop" in line))
-    cases = ("KF, taps at conv and fc", "KF fixed, conv and fc", "KF fixed, taps not cached", "hand-written KF, fixed")
+    cases = ("KF, taps at conv and fc", "KF fixed, conv and fc", "KF fixed, taps not cached", "hand-written KF, fixed",
+             "hand-written KF, learned")
     for case in cases:
         row = next(line for line in lines if line.strip().startswith(case) and " ms " in line)
         ratio, limit, of_limit = (float(v) for v in row.split()[len(case.split()):][:3])
@@ -36,8 +37,8 @@ def _check_rows(out: str) -> None:
         row = next(line for line in lines[in_loop:] if line.strip().startswith(case))
         slower, limit, of_limit = (float(v) for v in row.split()[len(case.split()):][:3])
         assert 0.5 < slower < 5 and 0 < limit <= 1 and 0 < of_limit <= 2  # the calls in the loop, and that limit
-    against_control = float(next(line for line in lines if "graftnet ÷ hand-written" in line).split()[-1])
-    assert 0 < against_control < 3
+    against_controls = [float(line.split()[-1]) for line in lines if "graftnet ÷ hand-written" in line]
+    assert len(against_controls) == 2 and all(0 < r < 3 for r in against_controls)
 
 
 def test_bench_rl_reports_ratio_limit_and_of_limit_for_every_case() -> None:
@@ -76,17 +77,18 @@ class _Given:
         return self.rollout, []
 
 
-def test_the_hand_written_control_computes_what_graftnet_computes() -> None:
-    """bench_rl.py's hand-written knowledge flow is graftnet's fixed-adapter case, value for value: the same
-    collection passes, loss parts (with a nonzero KL term once θ_old lags), gradients and parameters after each
-    update, on the same rollouts."""
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed adapters", "learned adapters"])
+def test_the_hand_written_control_computes_what_graftnet_computes(learned: bool) -> None:
+    """bench_rl.py's hand-written knowledge flow is graftnet's case with taps at conv and fc, value for value: the
+    same collection passes, loss parts (with a nonzero KL term once θ_old lags), gradients and parameters after
+    each update, on the same rollouts."""
     sys.path.insert(0, str(BENCH))
     try:
         bench_rl = importlib.import_module("bench_rl")
     finally:
         sys.path.remove(str(BENCH))
     torch.manual_seed(0)
-    spec = bench_rl._spec(["conv", "fc"], learned=False)
+    spec = bench_rl._spec(["conv", "fc"], learned=learned)
     env = make_env(bench_rl.ENV, bench_rl.N, seed=0)
     method, _ = build_agent(spec, env.observation_shape, env.num_actions, total_steps=10_000)
     method.model.train()
@@ -97,6 +99,10 @@ def test_the_hand_written_control_computes_what_graftnet_computes() -> None:
     g = method.grafted
     pairs = [(g.mixers["features.1"].logits, hand.model.w_conv), (g.mixers["act"].logits, hand.model.w_fc)]
     pairs += [(p, dict(hand.model.student.named_parameters())[n]) for n, p in g.student.named_parameters()]
+    adapters = [g.input_adapters[name] for name in g.teachers if name in g.input_adapters]
+    assert len(adapters) == len(hand.model.input_adapters) == (2 if learned else 0)
+    for ours, theirs in zip(adapters, hand.model.input_adapters, strict=True):
+        pairs += [(ours.weight, theirs.weight), (ours.bias, theirs.bias)]
     x = torch.rand(7, *env.observation_shape)
     with torch.no_grad():
         for ours, theirs in zip(g(x), hand.model(x, hand.taps(x)), strict=True):
@@ -106,7 +112,8 @@ def test_the_hand_written_control_computes_what_graftnet_computes() -> None:
         rollout, _ = collector.collect(method.model, bench_rl.T)
         _, parts = a2c_loss(method, rollout, spec.rl, bench_rl.PROGRESS, torch.device("cpu"))
         ours = [parts[k].item() for k in ("loss", "policy_loss", "value_loss", "entropy", "dep_loss", "kl_loss")]
-        taps = [rollout.taps[name] for name in g.teachers]  # type: ignore[index]
+        assert (rollout.taps is None) == learned
+        taps = [rollout.taps[name] for name in g.teachers] if rollout.taps is not None else None
         theirs = hand.learn(rollout.obs, rollout.actions, rollout.rewards, rollout.dones, rollout.last_value, taps)
         assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
         kls.append(ours[-1])

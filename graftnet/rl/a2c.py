@@ -186,7 +186,8 @@ def a2c_loss(
 def a2c_update(
     objective: Objective, collector: Collector, optimizer: torch.optim.Optimizer, rl: RLSpec, progress: float
 ) -> tuple[dict[str, float], list[EpisodeEnd], int]:
-    """Collect one rollout, take one optimizer step on its loss; returns the loss parts, ended games, agent steps."""
+    """Collect one rollout, take one optimizer step on its loss (the gradients of the optimizer's parameters clipped
+    to ``rl.max_grad_norm`` together); returns the loss parts, ended games, agent steps."""
     rollout, ended = collector.collect(objective.model, rl.rollout)
     total, parts = a2c_loss(objective, rollout, rl, progress, collector.device)
     # one device-to-host copy for the finiteness check and every logged number
