@@ -16,8 +16,9 @@ One run, the cases interleaved update by update (median of ``--rounds`` rounds o
   KF fixed, taps not cached   the same with the collector's tap cache off (``Collector(cache_taps=False)``): the
                               update runs the teachers again, as graftnet did before the cache (an A/B in one run);
   hand-written KF, learned    the controls (CPU only): "KF, taps at conv and fc" and "KF fixed, conv and fc"
-  hand-written KF, fixed      written by hand in plain PyTorch, without graftnet (benchmarks/handwritten_kf.py; the
-                              same values, checked by a test), from the same weights. ``graftnet ÷ hand-written``
+  hand-written KF, fixed      written by hand in plain PyTorch around copies of the graft's layers, without
+                              graftnet's machinery (benchmarks/handwritten_kf.py; the same values, checked by a
+                              test). ``graftnet ÷ hand-written``
                               is graftnet's steps/s over its control's, and a control's own ``of limit`` says how
                               near its limit eager PyTorch gets at this size.
 An update is what the trainer does: a rollout of 16 environments × 5 steps, the loss, backward, Adam.
@@ -177,16 +178,16 @@ def _teacher_calls(bodies: list[nn.Module], collect: Callable[[], Any]) -> float
 @dataclass
 class _Case:
     """One timed case: ``update()`` takes one update and returns its agent steps, ``collect()`` one rollout;
-    ``bodies`` are the teachers' modules (what the teachers' calls are), ``timed`` what the in-loop clock times
-    (the bodies and the input adapters), ``collector`` the object whose ``collect`` the update calls."""
+    ``bodies`` are the teachers' modules (what the teachers' calls are) and ``adapters`` their input adapters (the
+    in-loop clock times both), ``collector`` the object whose ``collect`` the update calls."""
 
     update: Callable[[], int]
     collect: Callable[[], Any]
     bodies: list[nn.Module]
-    timed: list[nn.Module]
+    adapters: list[nn.Module]
     collector: Any
     env: Any
-    teachers: str = ""  # what the teachers run, for the first lines
+    note: str = ""  # what the teachers run, for the first lines
 
 
 def _graftnet_case(spec: graftnet.Spec, env_id: str, device: torch.device, cache_taps: bool) -> tuple[_Case, Any]:
@@ -206,7 +207,7 @@ def _graftnet_case(spec: graftnet.Spec, env_id: str, device: torch.device, cache
     kept = ", ".join(f"teacher runs {t.parameters_run:,} of {t.parameters_total:,} parameters"
                      for t in list(method.grafted.teachers.values())[:1])  # fmt: skip
     case = _Case(update, lambda: collector.collect(method.model, T), bodies,
-                 bodies + list(method.grafted.input_adapters.values()), collector, env, kept)  # fmt: skip
+                 list(method.grafted.input_adapters.values()), collector, env, kept)  # fmt: skip
     return case, method
 
 
@@ -224,8 +225,8 @@ def _handwritten(method: Any, env_id: str, env: Any) -> HandWrittenKF:
 def _handwritten_case(method: Any, env_id: str) -> _Case:
     env = make_env(env_id, N, seed=0)
     hand = _handwritten(method, env_id, env)
-    timed = [*hand.teachers, *hand.model.input_adapters]
-    return _Case(lambda: hand.update(T), lambda: hand.collect(T), list(hand.teachers), timed, hand, env)
+    return _Case(lambda: hand.update(T), lambda: hand.collect(T), list(hand.teachers),
+                 list(hand.model.input_adapters), hand, env)  # fmt: skip
 
 
 class _InSituClock:
@@ -317,7 +318,8 @@ def main() -> None:
         run.collect()  # a first rollout: the next ones start from a bootstrap pass's taps
     calls = {name: _teacher_calls(run.bodies, run.collect) for name, run in runs.items() if name in work}
     on_cpu = device.type == "cpu"
-    clocks = {name: _InSituClock(run.timed, run.collector) for name, run in runs.items()} if on_cpu else {}
+    clocks = {name: _InSituClock(run.bodies + run.adapters, run.collector)
+              for name, run in runs.items()} if on_cpu else {}  # fmt: skip
     in_situ: dict[str, list[float]] = {name: [] for name in clocks}  # the teachers' collection calls, per update
     collect_in_situ: dict[str, list[float]] = {name: [] for name in clocks}  # the collector's calls, per update
     rates: dict[str, list[float]] = {name: [] for name in runs}
@@ -353,7 +355,7 @@ def main() -> None:
           f"update; median of {args.rounds} rounds of {args.updates} updates")
     print(f"  plain A2C: {t_plain * 1e3:.2f} ms per update, collection {c_plain * 1e6:.0f} us per env step")
     for name, rate in med.items():
-        kept = runs[name].teachers
+        kept = runs[name].note
         print(f"  {name:<26} {rate:8,.0f} agent steps/s  ({rate / med['plain A2C']:.2f} of plain A2C)"
               + (f"  [{kept}]" if kept else ""))
     print("  case                       ratio  limit  of limit  teachers/update  teacher calls/rollout  "

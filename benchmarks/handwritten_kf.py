@@ -1,4 +1,4 @@
-"""Knowledge-flow A2C written by hand, without graftnet: the control for bench_rl.py's cases with taps at conv and fc.
+"""Knowledge-flow A2C written by hand, without graftnet's machinery: the control for bench_rl.py's conv-and-fc cases.
 
 What a careful engineer would write for one student and two teachers of the A3C family, mixing at two sites (the
 pre-activation of one conv layer's ReLU and of the dense layer's), in plain eager PyTorch: the mixing inline in the
@@ -6,13 +6,14 @@ forward pass (``c_0·z + c_1·t_1 + c_2·t_2``, autograd as it comes), the coeff
 θ_old a second copy of the student (with its input adapters) refreshed with one fused copy before each step. With
 fixed adapters (the teachers take the student's observations) the teachers' taps of the rollout are kept for the
 update and θ_old's pass, and the bootstrap pass's carried to the next rollout; with learned ones (a 1×1
-convolution in front of each teacher, written as a matrix product: oneDNN's 1×1 convolution on an observation's few
-channels is many times slower) the update runs the teachers again through θ's adapters and θ_old's.
+convolution in front of each teacher) the update runs the teachers again through θ's adapters and θ_old's.
 It computes what graftnet's knowledge flow computes for those specs, value for value (tests/test_bench_rl.py checks
 the loss, the gradients and the collection passes against graftnet's), so its speed is what graftnet's machinery
 is measured against: bench_rl.py reports graftnet ÷ hand-written beside both cases' ratios to their limit.
 
-Not part of graftnet: a benchmark's control, for bench_rl.py's specs only.
+Not part of graftnet: a benchmark's control, for bench_rl.py's specs only. Its layers are the graft's own modules,
+copied: the student, the teachers' truncated bodies and the learned input adapters (graftnet's ``PointwiseConv2d``,
+a 1×1 convolution computed as a batched matrix product), so that what differs is the machinery around them.
 """
 
 from __future__ import annotations
@@ -49,17 +50,6 @@ class TeacherTaps(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         conv = self.before(x)
         return conv, self.fc(self.relu(conv).flatten(1))
-
-
-class Pointwise(nn.Conv2d):
-    """A 1×1 convolution as a batched matrix product over the pixels, the bias added in the same call (a plain
-    ``torch.matmul`` of the weight and the batch is 3–10× slower on Atari frames: it copies the broadcast)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        weight = self.weight.view(1, -1, c).expand(b, -1, c)
-        assert self.bias is not None
-        return torch.baddbmm(self.bias.view(1, -1, 1), weight, x.reshape(b, c, h * w)).view(b, -1, h, w)
 
 
 class MixedStudent(nn.Module):
@@ -99,8 +89,8 @@ class HandWrittenKF:
     """Knowledge-flow A2C: collect a rollout, the loss (eq. 4), backward, clipping, θ_old's refresh, Adam, the floor.
 
     Built from a graftnet knowledge-flow graft (:meth:`from_graft`) so that both start from the same weights and
-    tap scales; from then on nothing of graftnet runs but :func:`n_step_returns` (the returns, shared with plain
-    A2C) and the environment.
+    tap scales; from then on nothing of graftnet runs but the copied layers, :func:`n_step_returns` (the returns,
+    shared with plain A2C) and the environment.
     """
 
     def __init__(self, model: MixedStudent, teachers: Sequence[TeacherTaps], env: VecEnv, *, lambda1: float,
@@ -123,7 +113,7 @@ class HandWrittenKF:
     @classmethod
     def from_graft(cls, g: GraftedModel, env: VecEnv, conv_site: int, **settings: Any) -> HandWrittenKF:
         """The same student, teachers (in ``g.teachers``' order), w, tap scales and input adapters as ``g`` (a copy
-        of each; an input adapter as a :class:`Pointwise` convolution)."""
+        of each)."""
         teachers, adapters = [], []
         for name, t in g.teachers.items():
             assert isinstance(t, FrozenTeacher)
@@ -132,11 +122,7 @@ class HandWrittenKF:
             layers = [features.get_submodule(str(i)) for i in range(conv_site + 1)]
             teachers.append(TeacherTaps(layers, body.get_submodule("fc")))
             if name in g.input_adapters:
-                given = g.input_adapters[name]
-                assert isinstance(given, nn.Conv2d) and given.kernel_size == (1, 1)
-                conv = Pointwise(given.in_channels, given.out_channels, 1, bias=given.bias is not None)
-                conv.load_state_dict(given.state_dict())
-                adapters.append(conv)
+                adapters.append(copy.deepcopy(g.input_adapters[name]))
         mixers = list(g.mixers.values())  # the conv site, then the dense layer's
         model = MixedStudent(copy.deepcopy(g.student), conv_site, [m.tap_scale.clone() for m in mixers], adapters)
         with torch.no_grad():
