@@ -176,8 +176,8 @@ def test_graft_timm_family(family: str, role: str) -> None:
 
 
 def _graft(chosen: Pick, role: str) -> None:
-    """Graft ``chosen`` with resnet18 (its layer2 tapped in as a teacher, or tapping ``chosen`` as the student),
-    train a step, detach and reload (tests/_zoo.py)."""
+    """``chosen`` as the student with resnet18's layer2 tapped in (role "student"), or resnet18 as the student
+    tapping ``chosen`` (role "teacher"): graft, train a step, detach and reload (tests/_zoo.py's check_graft)."""
     torch.manual_seed(0)
     model = chosen.build()
     cnn = resnet18()
