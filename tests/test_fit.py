@@ -129,6 +129,51 @@ def test_labels_the_student_cannot_output_are_a_named_error(tmp_path: Path) -> N
                      run_dir=tmp_path / "run", progress=False, tensorboard=False)  # fmt: skip
 
 
+class _Records(torch.utils.data.Dataset[Any]):
+    """A Dataset of dict samples, as many datasets give them, or with inputs that cannot be batched (an image object
+    without a transform, say)."""
+
+    def __init__(self, n: int, kind: str) -> None:
+        self.data, self.kind = _data(n, 0), kind
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        x, y = self.data[i]
+        return {"signal": x, "label": y} if self.kind == "dict" else (object(), y)
+
+
+DICT_BATCH = r"a batch must be \(inputs, labels\) with inputs a tensor, got a dict with keys \['label', 'signal'\]"
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+@pytest.mark.parametrize(("kind", "why"), [("dict", DICT_BATCH), ("object", "its samples cannot be made into a batch")])
+def test_samples_that_are_not_input_label_pairs_are_named_before_anything_is_written(
+    tmp_path: Path, split: str, kind: str, why: str
+) -> None:
+    data = {"train": _data(32, 1), "val": _data(20, 2), "test": _data(20, 3), split: _Records(16, kind)}
+    with pytest.raises(TrainingError, match=f"^{split}: {why}"):
+        graftnet.fit(_cnn(0), None, {"train": {"method": "scratch", "epochs": 1}}, **data, run_dir=tmp_path / "run",
+                     progress=False, tensorboard=False)  # fmt: skip
+    assert not (tmp_path / "run").exists()  # nothing written: the same call with good data starts afresh
+
+
+def test_a_dataloader_of_dict_batches_is_named_at_its_first_batch(tmp_path: Path) -> None:
+    loader = DataLoader(_Records(32, "dict"), batch_size=8)
+    with pytest.raises(TrainingError, match=r"^train: a batch must be \(inputs, labels\).*got a dict"):
+        graftnet.fit(_cnn(0), None, {"train": {"method": "scratch", "epochs": 1}}, train=loader, val=_data(20, 2),
+                     run_dir=tmp_path / "run", progress=False, tensorboard=False)  # fmt: skip
+
+
+def test_an_empty_test_split_is_named_before_training(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="test: the test data is empty; pass test=None"):
+        graftnet.fit(_cnn(0), None, {"train": {"method": "scratch", "epochs": 1}}, train=_data(32, 1),
+                     val=_data(20, 2), test=_data(0, 3), run_dir=tmp_path / "run", progress=False,
+                     tensorboard=False)  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
 def test_your_own_loop_with_the_objective_matches_the_eq4_loss() -> None:
     student, _, g, x, y = pair_and_batch()
     kf = graftnet.KnowledgeFlow(g, {"lr": 1e-2, "lambda2": 0.5, "cut_teachers_at": 0.5}, total_steps=4)

@@ -29,13 +29,21 @@ def logits_of(out: Any) -> torch.Tensor:
 
 
 def pair(item: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` from what a DataLoader yields, or a clear error naming the split."""
+    """``(x, y)`` from a batch of a Dataset or DataLoader, or a clear error naming the split and what it got."""
     if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor):
         x, y = item
         return x, torch.as_tensor(y)
+    if isinstance(item, dict):
+        got = f"a dict with keys {sorted(map(str, item))}"
+    elif isinstance(item, (tuple, list)):
+        got = f"a {type(item).__name__} of length {len(item)}" + (
+            f" whose first element is a {type(item[0]).__name__}" if len(item) == 2 else ""
+        )
+    else:
+        got = f"a {type(item).__name__}"
     raise TrainingError(
-        f"{where}: a batch must be (inputs, labels) with inputs a tensor, got {type(item).__name__}"
-        + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+        f"{where}: a batch must be (inputs, labels) with inputs a tensor, got {got}; have the Dataset's "
+        "__getitem__ return (input, label), or give a DataLoader whose collate_fn makes (inputs, labels) batches"
     )
 
 
@@ -45,7 +53,8 @@ def eval_batches(data: Any, batch_size: int, where: str = "data") -> Iterator[tu
         for item in data:
             yield pair(item, where)
         return
-    yield from batches(data, batch_size)
+    for item in batches(data, batch_size):
+        yield pair(item, where)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ function with the spec's own data (:func:`graftnet.launch.train`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from graftnet.data import batches
 from graftnet.distributed import World, resolve_device, setup, wrap
@@ -94,6 +95,18 @@ def _steps_per_epoch(data: Data, batch_size: int) -> int:
     return n
 
 
+@contextlib.contextmanager
+def _batching(where: str) -> Iterator[None]:
+    """Names the split when its samples cannot be collated into a batch (a PIL image, a string …)."""
+    try:
+        yield
+    except TypeError as e:
+        raise TrainingError(
+            f"{where}: its samples cannot be made into a batch ({e}); have the Dataset return tensors (with a "
+            "transform such as torchvision's ToTensor), or give a DataLoader whose collate_fn makes them"
+        ) from e
+
+
 def _train_batches(
     data: Data, batch_size: int, epoch: int, seed: int, skip: int, num_workers: int, world: World
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -104,8 +117,9 @@ def _train_batches(
             yield pair(item, "train")
         return
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    yield from batches(data, batch_size, shuffle=True, generator=generator, skip=skip, train=True,
-                       num_workers=num_workers, shard=(world.rank, world.size))  # fmt: skip
+    for item in batches(data, batch_size, shuffle=True, generator=generator, skip=skip, train=True,
+                        num_workers=num_workers, shard=(world.rank, world.size)):  # fmt: skip
+        yield pair(item, "train")
 
 
 def fit(
@@ -137,7 +151,9 @@ def fit(
             Teachers passed as modules need no entry in it. A ``data`` section is not needed (its batch
             sizes are used when present).
         train, val, test: Datasets of ``(input, label)`` or DataLoaders yielding such batches. Validation and
-            test data are used as given; ``test`` may be None (no test error is reported).
+            test data are used as given; ``test`` may be None (no test error is reported). Each is checked
+            before anything is written (a training DataLoader at its first batch, so as not to move its RNG):
+            other samples (dicts, inputs that cannot be batched) are a :class:`TrainingError` naming the split.
         run_dir: the run folder (created).
         num_classes: the task's class count, checked against the student's output (default: not checked
             beyond the labels of each batch).
@@ -214,10 +230,21 @@ def _fit(
     world.barrier()  # every process has checked the run folder before rank 0 writes into it
 
     # Everything that can fail on bad input happens here, before the first step.
-    example = next(eval_batches(val_data, 8, "val"), None)
+    with _batching("val"):
+        example = next(eval_batches(val_data, 8, "val"), None)
     if example is None:
         raise TrainingError("val: the validation data is empty")
     example_x = example[0][:8]
+    if test_data is not None:
+        with _batching("test"):
+            if next(eval_batches(test_data, 8, "test"), None) is None:
+                raise TrainingError("test: the test data is empty; pass test=None to report no test error")
+    steps_per_epoch = _steps_per_epoch(train_data, bs)
+    if not isinstance(train_data, DataLoader):
+        # a Dataset's first sample, collated as its batches will be, before anything is written (a DataLoader is
+        # not read ahead: that would move its shuffling RNG)
+        with _batching("train"):
+            pair(default_collate([train_data[0]]), "train")
     spec = spec.model_copy(update={"input_shape": list(example_x.shape[1:])})
     if t.threads is not None:
         torch.set_num_threads(t.threads)
@@ -227,7 +254,6 @@ def _fit(
     elif student is None:
         assert spec.student is not None  # fit() checked
         student = build_model(spec.student.model, spec.student.kwargs, spec.student.weights, where="student")
-    steps_per_epoch = _steps_per_epoch(train_data, bs)
     total_steps = t.epochs * steps_per_epoch
     objective = METHODS.get(t.method).from_spec(spec, student, example_x, teachers=teachers, total_steps=total_steps)
     g = objective.model
