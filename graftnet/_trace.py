@@ -13,6 +13,7 @@ Two things make a plain ``symbolic_trace`` unfaithful (docs/architecture.md, "Fa
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +183,22 @@ def _first_dims(graph: fx.Graph) -> dict[str, int]:
     return dims
 
 
+def _mismatch(model: nn.Module, example: tuple[torch.Tensor, ...], name: str) -> str:
+    """Why ``model`` may have failed on ``example`` when its weights and the input differ in dtype or device, or ""."""
+    weights = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    inputs = [t for t in example if t.is_floating_point()]
+    for what, of in (("dtype", lambda t: t.dtype), ("device", lambda t: t.device)):
+        theirs, given = {str(of(t)) for t in weights}, {str(of(t)) for t in inputs}
+        if theirs and given and not theirs & given:
+            return (
+                f"the weights of {name} are {' and '.join(sorted(theirs))} but its input is "
+                f"{' and '.join(sorted(given))}: the student and every teacher run on one input, so give them one "
+                + ("dtype (model.float(), say; train.precision bf16 or fp16 autocasts them instead)" if what == "dtype"
+                   else "device (model.to(device))")
+            )  # fmt: skip
+    return ""
+
+
 def propagate_shapes(
     traced: Traced, example: tuple[torch.Tensor, ...], *, name: str = "the model", hint: str = ""
 ) -> None:
@@ -195,8 +212,11 @@ def propagate_shapes(
             ShapeProp(module).propagate(*example)
         except Exception as e:
             shapes = ", ".join(str(tuple(t.shape)) for t in example)
+            failed = f"running {name} on an example input of shape {shapes} failed"
+            if why := _mismatch(traced.model, example, name):
+                raise TraceError(f"{failed}: {why}. ({type(e).__name__}: {e})") from e
             raise TraceError(
-                f"running {name} on an example input of shape {shapes} failed: {type(e).__name__}: {e}. "
+                f"{failed}: {type(e).__name__}: {e}. "
                 + (hint or "Check input_shape in the spec (one sample, no batch dimension) or pass example_input.")
             ) from e
         metas = {n.name: n.meta.get("tensor_meta") for n in traced.eval_graph.nodes}

@@ -201,6 +201,22 @@ def test_untraceable_module_is_named_with_the_leaf_hint(role: str) -> None:
     assert "control flow" in msg
 
 
+@pytest.mark.parametrize(("role", "dtype"), [("teacher", torch.bfloat16), ("teacher", torch.float64),
+                                             ("student", torch.float16)])  # fmt: skip
+def test_a_model_in_another_dtype_than_its_input_is_named(role: str, dtype: torch.dtype) -> None:
+    other = resnet18("torchvision").to(dtype)
+    student, teacher = (other, resnet18("torchvision")) if role == "student" else (resnet18("torchvision"), other)
+    msg = graft_error(student, {"t": teacher}, spec(("layer1", ["t:layer1"])), TraceError)
+    name = "the student" if role == "student" else "teacher 't'"
+    assert f"failed: the weights of {name} are {dtype} but its input is torch.float32" in msg
+    assert "give them one dtype (model.float(), say; train.precision bf16 or fp16 autocasts them instead)" in msg
+
+
+def test_a_teacher_on_another_device_than_its_input_is_named() -> None:
+    msg = graft_error(resnet18(), {"t": resnet18().to("meta")}, spec(("layer1", ["t:layer1"])), TraceError)
+    assert "the weights of teacher 't' are meta but its input is cpu" in msg and "give them one device" in msg
+
+
 def test_untraceable_top_level_forward() -> None:
     msg = graft_error(BranchyTop(), {"t": Gated(nn.Identity())}, GATED_SPEC, TraceError)
     assert "the student" in msg and "top-level forward" in msg and "control flow" in msg
