@@ -97,7 +97,7 @@ def _steps_per_epoch(data: Data, batch_size: int) -> int:
 
 @contextlib.contextmanager
 def _batching(where: str) -> Iterator[None]:
-    """Names the split when its samples cannot be collated into a batch (a PIL image, a string …)."""
+    """Names the split when its samples cannot be collated into a batch (PIL images without a transform, say)."""
     try:
         yield
     except TypeError as e:
