@@ -166,6 +166,47 @@ def test_a_dataloader_of_dict_batches_is_named_at_its_first_batch(tmp_path: Path
                      run_dir=tmp_path / "run", progress=False, tensorboard=False)  # fmt: skip
 
 
+LABELS = {  # labels that are not class indices, and the fix the error names
+    "soft": (lambda n: torch.softmax(torch.randn(n, 3), -1), r"float32 of shape \(\d+, 3\) \(soft or one-hot"),
+    "float": (lambda n: torch.randint(0, 3, (n,)).float(), r"float32 of shape \(\d+,\) \(give them as integers"),
+    "column": (lambda n: torch.randint(0, 3, (n, 1)), r"int64 of shape \(\d+, 1\) \(one label per sample"),
+}
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+@pytest.mark.parametrize("kind", sorted(LABELS))
+def test_labels_that_are_not_class_indices_are_named_before_anything_is_written(
+    tmp_path: Path, split: str, kind: str
+) -> None:
+    make, why = LABELS[kind]
+    data = {"train": _data(32, 1), "val": _data(20, 2), "test": _data(20, 3)}
+    data[split] = TensorDataset(data[split].tensors[0], make(len(data[split])))
+    with pytest.raises(TrainingError, match=f"^{split}: labels must be class indices, an integer tensor of shape "
+                                            rf"\(batch,\); got {why}"):  # fmt: skip
+        graftnet.fit(_cnn(0), None, {"train": {"method": "scratch", "epochs": 1}}, **data, run_dir=tmp_path / "run",
+                     progress=False, tensorboard=False)  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_integer_labels_of_any_width_train_as_int64_labels_do(tmp_path: Path) -> None:
+    errors = {}
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        train, val = _data(32, 1), _data(20, 2)
+        train, val = (TensorDataset(d.tensors[0], d.tensors[1].to(dtype)) for d in (train, val))
+        result = graftnet.fit(_cnn(0), None, {"train": {"method": "scratch", "epochs": 1}}, train=train, val=val,
+                              run_dir=tmp_path / str(dtype), progress=False, tensorboard=False)  # fmt: skip
+        errors[dtype] = result.val_error
+    assert len(set(errors.values())) == 1, errors
+
+
+def test_a_validation_label_the_student_cannot_output_is_named_wherever_it_is(tmp_path: Path) -> None:
+    val = _data(40, 2)
+    val.tensors[1][-1] = 9  # after the first batch that fit looks at before training
+    with pytest.raises(TrainingError, match="^val: labels run from 0 to 9 but the student outputs 3 classes"):
+        graftnet.fit(_cnn(0), None, {"train": {"method": "scratch", "epochs": 1}}, train=_data(32, 1), val=val,
+                     run_dir=tmp_path / "run", progress=False, tensorboard=False)  # fmt: skip
+
+
 def test_an_empty_test_split_is_named_before_training(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="test: the test data is empty; pass test=None"):
         graftnet.fit(_cnn(0), None, {"train": {"method": "scratch", "epochs": 1}}, train=_data(32, 1),

@@ -27,7 +27,7 @@ from graftnet.distributed import World, resolve_device, setup, wrap
 from graftnet.errors import SpecError, TrainingError
 from graftnet.models import build_model
 from graftnet.spec import Spec, load_spec, override_spec, read_spec_file
-from graftnet.training.evaluation import eval_batches, evaluate, logits_of, pair
+from graftnet.training.evaluation import check_labels, eval_batches, evaluate, logits_of, pair
 from graftnet.training.finish import export_student
 from graftnet.training.guards import check_finite_state
 from graftnet.training.metrics import MetricsLog, p_w_columns, p_w_row
@@ -154,6 +154,8 @@ def fit(
             test data are used as given; ``test`` may be None (no test error is reported). Each is checked
             before anything is written (a training DataLoader at its first batch, so as not to move its RNG):
             other samples (dicts, inputs that cannot be batched) are a :class:`TrainingError` naming the split.
+            Labels are class indices of any integer dtype (used as int64); soft, one-hot or float labels, and
+            labels outside the student's classes, are named the same way.
         run_dir: the run folder (created).
         num_classes: the task's class count, checked against the student's output (default: not checked
             beyond the labels of each batch).
@@ -235,16 +237,19 @@ def _fit(
     if example is None:
         raise TrainingError("val: the validation data is empty")
     example_x = example[0][:8]
+    check_labels(example[1], "val")
     if test_data is not None:
         with _batching("test"):
-            if next(eval_batches(test_data, 8, "test"), None) is None:
-                raise TrainingError("test: the test data is empty; pass test=None to report no test error")
+            first = next(eval_batches(test_data, 8, "test"), None)
+        if first is None:
+            raise TrainingError("test: the test data is empty; pass test=None to report no test error")
+        check_labels(first[1], "test")
     steps_per_epoch = _steps_per_epoch(train_data, bs)
     if not isinstance(train_data, DataLoader):
         # a Dataset's first sample, collated as its batches will be, before anything is written (a DataLoader is
         # not read ahead: that would move its shuffling RNG)
         with _batching("train"):
-            pair(default_collate([train_data[0]]), "train")
+            check_labels(pair(default_collate([train_data[0]]), "train")[1], "train")
     spec = spec.model_copy(update={"input_shape": list(example_x.shape[1:])})
     if t.threads is not None:
         torch.set_num_threads(t.threads)
@@ -319,7 +324,7 @@ def _fit(
                 for x, y in _train_batches(train_data, bs, epoch, t.seed, batch_in_epoch, num_workers, world):
                     x, y = x.to(device), y.to(device)
                     if not checked_labels:
-                        _check_labels(y, outputs, "train")
+                        check_labels(y, "train", outputs)
                         checked_labels = True
                     progress_now = objective.steps / total_steps
                     set_lr(optimizer, base_lrs, t.schedule, progress_now)
@@ -358,7 +363,7 @@ def _fit(
                         save()
                         return stopped()
                 g = objective.model
-                val_loss, val_acc = evaluate(g, val_data, eval_bs, device) if world.main else (0.0, 0.0)
+                val_loss, val_acc = evaluate(g, val_data, eval_bs, device, "val") if world.main else (0.0, 0.0)
                 if world.any(not math.isfinite(val_loss))[0]:
                     raise TrainingError(
                         f"the validation loss is not finite after epoch {epoch + 1} ({val_loss}); training stopped. "
@@ -394,15 +399,6 @@ def _keep_hint(ckpt: Path) -> str:
     return f"The last good checkpoint is {str(ckpt)!r}" + ("." if ckpt.exists() else " (none was written yet).")
 
 
-def _check_labels(y: torch.Tensor, outputs: int, where: str) -> None:
-    low, high = int(y.min()), int(y.max())
-    if low < 0 or high >= outputs:
-        raise TrainingError(
-            f"{where}: labels run from {low} to {high} but the student outputs {outputs} classes; labels must be "
-            f"0 … {outputs - 1} (set the student's num_classes, or map the labels)"
-        )
-
-
 def _finish(
     objective: Objective, spec: Spec, run_dir: Path, val_data: Data, test_data: Data | None, eval_bs: int,
     device: torch.device, epochs: int, seconds: float, world: World,
@@ -415,10 +411,10 @@ def _finish(
         return RunResult(run_dir, method, epochs, seconds=seconds)
     exported = export_student(objective.grafted, run_dir, spec.train.export_tol, objective.dependence_at_cut)
     student = exported.student.to(device)
-    _, val_acc = evaluate(student, val_data, eval_bs, device)
+    _, val_acc = evaluate(student, val_data, eval_bs, device, "val")
     test_error = None
     if test_data is not None:
-        _, test_acc = evaluate(student, test_data, eval_bs, device)
+        _, test_acc = evaluate(student, test_data, eval_bs, device, "test")
         test_error = 100 * (1 - test_acc)
     result = RunResult(run_dir, method, epochs, 100 * (1 - val_acc), test_error, exported.min_p_w_student,
                        exported.forced, seconds=seconds)  # fmt: skip
