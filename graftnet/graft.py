@@ -356,6 +356,19 @@ def _traced_with_shapes(
     return traced
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The model inside a ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel`` wrapper, which shares its
+    parameters: graftnet traces and grafts the model itself (as timm's ``unwrap_model`` does), and FX cannot trace
+    the wrappers. Any other module is returned as it is."""
+    while True:
+        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+        elif type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module.get_submodule("_orig_mod")  # torch.compile's wrapper
+        else:
+            return module
+
+
 def sites(
     model: nn.Module, example_input: Example | None = None, *, input_shape: Shape | None = None
 ) -> list[SiteInfo]:
@@ -372,6 +385,7 @@ def sites(
     """
     if not isinstance(model, nn.Module):
         raise GraftError(f"graftnet.sites: the model is a {type(model).__name__}, not a torch.nn.Module")
+    model = _unwrapped(model)
     example = _example(example_input, input_shape, "graftnet.sites")
     traced = _traced_with_shapes(model, example, "the model", (False,))
     # activations on tensors without the batch dimension (tables computed once for all samples) are not offered
@@ -397,6 +411,7 @@ def _teacher_modules(teachers: Mapping[str, nn.Module] | None, spec: Spec) -> di
             raise SpecError(f"graft(teachers=…): {problem}")
         if not isinstance(module, nn.Module):
             raise GraftError(f"teacher {name!r} is a {type(module).__name__}, not a torch.nn.Module")
+    teachers = {name: _unwrapped(module) for name, module in teachers.items()}
     missing = sorted(set(spec.teachers) - set(teachers))
     if missing:
         raise SpecError(
@@ -444,6 +459,7 @@ def graft(
         student = build_model(spec.student.model, spec.student.kwargs, spec.student.weights, where="student")
     if not isinstance(student, nn.Module):
         raise GraftError(f"the student is a {type(student).__name__}, not a torch.nn.Module")
+    student = _unwrapped(student)
     teacher_modules = _teacher_modules(teachers, spec)
     example = _example(example_input, spec.input_shape, "graft")
     student_traced = _traced_with_shapes(student, example, "the student", (True, False))

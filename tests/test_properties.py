@@ -646,3 +646,28 @@ def test_a_teacher_without_taps_is_frozen_too() -> None:
     graftnet.graft(student, {"t0": t0, "t1": t1}, spec, example_input=example_input(shape, 0))
     assert not any(p.requires_grad for p in t0.parameters())
     assert not any(p.requires_grad for p in t1.parameters())
+
+
+@pytest.mark.parametrize("wrapper", ["torch.compile", "DataParallel"])
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_a_wrapped_model_is_grafted_as_the_model_it_wraps(wrapper: str, role: str) -> None:
+    """A torch.compile, DataParallel (or DistributedDataParallel) wrapper, which FX cannot trace, is grafted as the
+    model inside it: the wrapper shares its parameters, so training the graft trains what the user holds."""
+    from _tiny import SITES, cnn
+
+    student, teacher = cnn(0), cnn(1)
+    inner = student if role == "student" else teacher
+    wrapped = torch.compile(inner) if wrapper == "torch.compile" else torch.nn.DataParallel(inner)
+    x = torch.randn(4, 1, 40)
+    assert [s.name for s in graftnet.sites(wrapped, x[:2])] == [s.name for s in graftnet.sites(inner, x[:2])]
+    g = graftnet.graft(wrapped if role == "student" else student, {"t": wrapped if role == "teacher" else teacher},
+                       {"sites": SITES}, example_input=x[:2])  # fmt: skip
+    assert g.student is student
+    if role == "student":  # the wrapper's parameters are the graft's student's
+        assert {id(p) for p in wrapped.parameters()} == {id(p) for p in g.student.parameters()}
+    else:  # and a wrapped teacher is frozen in place
+        assert not any(p.requires_grad for p in wrapped.parameters())
+    with torch.no_grad():
+        for mixer in g.mixers.values():  # p_w(student) = 1: the graft computes the student
+            mixer.logits.copy_(torch.tensor([0.0] + [-1e9] * (len(mixer.logits) - 1)))
+        assert torch.equal(g(x), student(x))
