@@ -187,15 +187,16 @@ def _mismatch(model: nn.Module, example: tuple[torch.Tensor, ...], name: str) ->
     """Why ``model`` may have failed on ``example`` when its weights and the input differ in dtype or device, or ""."""
     weights = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
     inputs = [t for t in example if t.is_floating_point()]
-    for what, of in (("dtype", lambda t: t.dtype), ("device", lambda t: t.device)):
-        theirs, given = {str(of(t)) for t in weights}, {str(of(t)) for t in inputs}
+    fixes = {"dtype": "model.float(), say; train.precision bf16 or fp16 autocasts them instead",
+             "device": "model.to(device)"}  # fmt: skip
+    for what, fix in fixes.items():
+        theirs, given = {str(getattr(t, what)) for t in weights}, {str(getattr(t, what)) for t in inputs}
         if theirs and given and not theirs & given:
             return (
                 f"the weights of {name} are {' and '.join(sorted(theirs))} but its input is "
                 f"{' and '.join(sorted(given))}: the student and every teacher run on one input, so give them one "
-                + ("dtype (model.float(), say; train.precision bf16 or fp16 autocasts them instead)" if what == "dtype"
-                   else "device (model.to(device))")
-            )  # fmt: skip
+                f"{what} ({fix})"
+            )
     return ""
 
 

@@ -33,8 +33,8 @@ def pair(item: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor):
         x, y = item
         y = torch.as_tensor(y)
-        if not y.dtype.is_floating_point and not y.dtype.is_complex and y.dtype not in (torch.bool, torch.int64):
-            y = y.long()  # int32, uint8 … class indices: the loss takes int64 (check_labels names other labels)
+        if not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool:
+            y = y.long()  # int32, uint8 … indices: the loss takes int64 (a no-op on it); check_labels names the rest
         return x, y
     if isinstance(item, dict):
         got = f"a dict with keys {sorted(map(str, item))}"

@@ -249,7 +249,8 @@ def _fit(
         # a Dataset's first sample, collated as its batches will be, before anything is written (a DataLoader is
         # not read ahead: that would move its shuffling RNG)
         with _batching("train"):
-            check_labels(pair(default_collate([train_data[0]]), "train")[1], "train")
+            _, first_label = pair(default_collate([train_data[0]]), "train")
+        check_labels(first_label, "train")
     spec = spec.model_copy(update={"input_shape": list(example_x.shape[1:])})
     if t.threads is not None:
         torch.set_num_threads(t.threads)
